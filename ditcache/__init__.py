@@ -1,0 +1,3 @@
+"""ditcache: feature-cached, distributed inference for diffusion transformers."""
+
+__version__ = "0.1.0"

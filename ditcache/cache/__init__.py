@@ -1,0 +1,1 @@
+"""Feature caches: the contract, AdaTaylorCache, the calibrator and the factory."""

@@ -1,0 +1,32 @@
+"""Exception types raised by ditcache.
+
+Every error names the thing that is wrong and how to fix it; the types let callers tell
+configuration mistakes (fix the input) from runtime faults (a rank diverged, a cache was misused).
+"""
+
+
+class DitCacheError(Exception):
+    """Base class of every error raised by ditcache."""
+
+
+class CacheConfigError(DitCacheError, ValueError):
+    """A cache was built with an invalid argument (unknown name, K < 0, bad order, ...)."""
+
+
+class ParamsError(DitCacheError, ValueError):
+    """A params file (or explicit params) is missing a key or holds an invalid value."""
+
+
+class UnknownModelError(ParamsError, KeyError):
+    """A model_type has no shipped or user params file."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class CacheStateError(DitCacheError, RuntimeError):
+    """A cache was used outside its contract: more calls than planned steps, approximate before update."""
+
+
+class StepSyncError(DitCacheError, RuntimeError):
+    """Ranks that must agree on (branch, step, decision) did not."""

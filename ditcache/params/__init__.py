@@ -1,0 +1,1 @@
+"""Shipped calibration params and their loader."""
