@@ -1,0 +1,134 @@
+"""The family-adapter interface: a diffusers transformer re-composed as embed -> blocks -> head.
+
+Every model family (Wan, HunyuanVideo, Qwen-Image) exposes its transformer through a
+:class:`FamilyAdapter` that reuses the diffusers submodules and weights but splits the forward into
+three parts, so that the runtime can put a feature cache around the block stack only (and, later,
+a sequence-parallel shard/gather between the embedding and the stack)::
+
+    state = adapter.embed(hidden_states, timestep, encoder_hidden_states, **extra)
+    out = <cached block stack>(state.hidden_states)
+    prediction = adapter.head(out, state)
+
+Adapters register themselves with :func:`register_adapter`; :func:`ditcache.runtime.adapters.adapter_for`
+finds the adapter for a transformer instance.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ditcache.cache.base import BaseFeatureCache, branch_name
+
+
+@dataclass
+class StackState:
+    """What one forward carries from the embedding to the block stack and the head.
+
+    ``hidden_states`` are the tokens the cache sees (the image stream after patch embedding),
+    ``[B, S, D]``. ``block_kwargs`` are per-forward constants handed to every block (time
+    modulation, rotary embedding, text tokens, ...). ``head_kwargs`` is what :meth:`FamilyAdapter.head`
+    needs to turn tokens back into a prediction (time embedding, the original shape, ...).
+    """
+
+    hidden_states: torch.Tensor
+    block_kwargs: dict[str, Any]
+    head_kwargs: dict[str, Any]
+
+
+class FamilyAdapter(torch.nn.Module, ABC):
+    """A diffusers transformer split into embed / run_blocks / head with a cache around the stack.
+
+    The adapter owns the transformer as a submodule (``self.transformer``), so moving or casting the
+    adapter moves the weights; it adds no parameters of its own.
+
+    ``stack_passes`` counts real block-stack runs per branch ("cond", "uncond"); the pipeline
+    resets it per request and reports it, independently of what the cache claims it did.
+    """
+
+    family: ClassVar[str]
+    transformer_class: ClassVar[type[torch.nn.Module]]
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.stack_passes: dict[str, int] = {}
+
+    @abstractmethod
+    def embed(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        **extra: Any,
+    ) -> StackState:
+        """Patch-embed the latents and compute the per-forward constants of the block stack."""
+
+    @abstractmethod
+    def run_blocks(self, state: StackState, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Run every transformer block on ``hidden_states``; return the image tokens."""
+
+    @abstractmethod
+    def head(self, hidden_states: torch.Tensor, state: StackState) -> torch.Tensor:
+        """Output norm, projection and unpatchify: tokens back to the latent layout."""
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """Patch size of the latent grid (frames, height, width or height, width)."""
+        return tuple(self.transformer.config.patch_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        is_cond: bool = True,
+        cache: BaseFeatureCache | None = None,
+        **extra: Any,
+    ) -> torch.Tensor:
+        """One model prediction for one CFG branch; ``cache`` decides whether the stack runs."""
+        state = self.embed(hidden_states, timestep, encoder_hidden_states, **extra)
+        out = self._cached_stack(state, is_cond, cache)
+        return self.head(out, state)
+
+    def _cached_stack(
+        self, state: StackState, is_cond: bool, cache: BaseFeatureCache | None
+    ) -> torch.Tensor:
+        """The block stack, or the cache's estimate of it (one decision per branch per step)."""
+        x = state.hidden_states
+        if cache is not None and not cache.should_compute(is_cond):
+            return cache.approximate(x, is_cond)
+        out = self.run_blocks(state, x)
+        name = branch_name(is_cond)
+        self.stack_passes[name] = self.stack_passes.get(name, 0) + 1
+        if cache is not None:
+            cache.update(out, x, is_cond)
+        return out
+
+    def reset_counters(self) -> None:
+        """Forget the per-branch stack-pass counts (start of a request)."""
+        self.stack_passes = {}
+
+
+_REGISTRY: dict[str, type[FamilyAdapter]] = {}
+
+
+def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Class decorator: make ``cls`` findable by its ``family`` name and its ``transformer_class``."""
+    family = getattr(cls, "family", None)
+    if not isinstance(family, str) or not family:
+        raise TypeError(f"{cls.__name__} must set a non-empty class attribute 'family'")
+    if not isinstance(getattr(cls, "transformer_class", None), type):
+        raise TypeError(f"{cls.__name__} must set 'transformer_class' to the diffusers transformer class")
+    _REGISTRY[family] = cls
+    return cls
+
+
+def registered_adapters() -> dict[str, type[FamilyAdapter]]:
+    """A copy of the registry: family name -> adapter class (only modules imported so far)."""
+    return dict(_REGISTRY)
+
