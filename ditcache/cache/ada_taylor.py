@@ -1,0 +1,208 @@
+"""AdaTaylorCache: MagCache's magnitude-ratio skip schedule with TaylorSeer's forecast.
+
+On a computed step the cache stores the block-stack residual R = output - input and its finite
+differences (Taylor derivatives, in steps). On a skipped step it forecasts the residual with a
+Taylor series around the last computed step, or, when that step is further back than
+``taylor_threshold``, reuses the last residual as is (a stale derivative extrapolated far does more
+harm than plain reuse). Everything is kept in fp32 whatever the model dtype: bf16 differences of
+nearly equal tensors lose most of their bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ditcache.cache.base import BaseFeatureCache, BranchStats, branch_name
+from ditcache.cache.schedule import compute_skip_schedule, resample_nearest, validate_schedule_settings
+from ditcache.errors import CacheConfigError, CacheStateError
+from ditcache.params import CacheParams, load_params, params_from_dict
+
+
+@dataclass
+class _BranchState:
+    """Everything one branch (cond or uncond) owns: its plan, counter and residual cache."""
+
+    compute_steps: frozenset[int]
+    step: int
+    derivatives: list[torch.Tensor] = field(default_factory=list)
+    last_computed_step: int | None = None
+    stats: BranchStats = field(default_factory=BranchStats)
+
+
+class AdaTaylorCache(BaseFeatureCache):
+    """Adaptive skip schedule + Taylor forecast + residual-reuse fallback.
+
+    Args:
+        model_type: name of a shipped (or user) params file; alternatively pass ``params`` or the
+            explicit curve/settings keywords below.
+        num_inference_steps: steps of the run; the curves are resampled to it. Defaults to the
+            params' ``default_steps`` (or the calibrated step count).
+        n_derivatives: Taylor order; 0 is plain residual reuse (MagCache).
+        taylor_threshold: largest distance (in steps) from the last computed step at which the
+            Taylor forecast is used; further away the last residual is reused.
+        init_step: first step this cache is asked about. Steps before it belong to another model
+            (Wan2.2's high-noise expert), so the step counter starts there, and that step always
+            computes: no residual is carried across an expert switch.
+        params_dir: user directory searched before the shipped params.
+        params: an already loaded ``CacheParams``.
+        cond_mag_ratios, uncond_mag_ratios, K, thresh, retention_ratio: explicit params, used
+            instead of a params file (all five are needed).
+    """
+
+    def __init__(
+        self,
+        model_type: str | None = None,
+        num_inference_steps: int | None = None,
+        n_derivatives: int = 1,
+        taylor_threshold: int = 2,
+        init_step: int = 0,
+        params_dir: str | None = None,
+        *,
+        params: CacheParams | None = None,
+        cond_mag_ratios: Sequence[float] | None = None,
+        uncond_mag_ratios: Sequence[float] | None = None,
+        K: int | None = None,
+        thresh: float | None = None,
+        retention_ratio: float | None = None,
+    ) -> None:
+        self.params = self._resolve_params(
+            model_type, params_dir, params, cond_mag_ratios, uncond_mag_ratios, K, thresh, retention_ratio
+        )
+        if num_inference_steps is None:
+            num_inference_steps = self.params.default_steps or self.params.num_inference_steps
+        if isinstance(n_derivatives, bool) or not isinstance(n_derivatives, int) or n_derivatives < 0:
+            raise CacheConfigError(f"n_derivatives must be an integer >= 0, got {n_derivatives!r}")
+        if isinstance(taylor_threshold, bool) or not isinstance(taylor_threshold, int) or taylor_threshold < 1:
+            raise CacheConfigError(f"taylor_threshold must be an integer >= 1, got {taylor_threshold!r}")
+        self.num_inference_steps = num_inference_steps
+        self.n_derivatives = n_derivatives
+        self.taylor_threshold = taylor_threshold
+        self.init_step = init_step
+        validate_schedule_settings(
+            num_inference_steps, self.params.K, self.params.thresh, self.params.retention_ratio, init_step
+        )
+        self._ratios = {c: resample_nearest(self.params.curve(c), num_inference_steps) for c in (True, False)}
+        self._plans = {
+            c: compute_skip_schedule(
+                self._ratios[c],
+                num_inference_steps,
+                self.params.K,
+                self.params.thresh,
+                self.params.retention_ratio,
+                init_step,
+            )
+            for c in (True, False)
+        }
+        self._branches: dict[bool, _BranchState] = {}
+        self.reset()
+
+    @staticmethod
+    def _resolve_params(model_type, params_dir, params, cond, uncond, K, thresh, retention) -> CacheParams:
+        explicit = {
+            "cond_mag_ratios": cond,
+            "uncond_mag_ratios": uncond,
+            "K": K,
+            "thresh": thresh,
+            "retention_ratio": retention,
+        }
+        given = {k: v for k, v in explicit.items() if v is not None}
+        sources = sum([model_type is not None, params is not None, bool(given)])
+        if sources != 1:
+            raise CacheConfigError(
+                "AdaTaylorCache needs exactly one source of params: model_type=..., params=CacheParams, "
+                f"or the explicit keywords {sorted(explicit)}"
+            )
+        if params is not None:
+            return params
+        if model_type is not None:
+            return load_params(model_type, params_dir)
+        missing = sorted(set(explicit) - set(given))
+        if missing:
+            raise CacheConfigError(f"explicit AdaTaylorCache params are missing {missing}")
+        return params_from_dict(
+            {k: list(v) if k.endswith("ratios") else v for k, v in given.items()},
+            source="<explicit AdaTaylorCache params>",
+        )
+
+    # -- the plan ---------------------------------------------------------------------------------
+
+    def planned_compute_steps(self, is_cond: bool) -> list[int]:
+        """Steps (from ``init_step`` on) on which this branch will run the block stack."""
+        return [s for s in self._plans[is_cond] if s >= self.init_step]
+
+    def planned_skip_steps(self, is_cond: bool) -> list[int]:
+        computed = set(self._plans[is_cond])
+        return [s for s in range(self.init_step, self.num_inference_steps) if s not in computed]
+
+    # -- the contract -----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self._branches = {
+            is_cond: _BranchState(
+                compute_steps=frozenset(self._plans[is_cond]),
+                step=self.init_step - 1,
+            )
+            for is_cond in (True, False)
+        }
+
+    def should_compute(self, is_cond: bool) -> bool:
+        state = self._branches[bool(is_cond)]
+        if state.step + 1 >= self.num_inference_steps:
+            raise CacheStateError(
+                f"AdaTaylorCache ({branch_name(is_cond)} branch) was asked about step {state.step + 1} but the run "
+                f"has {self.num_inference_steps} steps; build the cache with the run's num_inference_steps and "
+                "call reset() between requests"
+            )
+        state.step += 1
+        compute = state.step in state.compute_steps
+        (state.stats.computed_steps if compute else state.stats.skipped_steps).append(state.step)
+        return compute
+
+    def update(self, output: torch.Tensor, ori_input: torch.Tensor, is_cond: bool) -> None:
+        state = self._branches[bool(is_cond)]
+        if state.step < self.init_step:
+            raise CacheStateError("update() called before should_compute() for this request")
+        residual = output.detach().float() - ori_input.detach().float()
+        window = 1 if state.last_computed_step is None else max(1, state.step - state.last_computed_step)
+        derivatives = [residual]
+        for i in range(min(self.n_derivatives, len(state.derivatives))):
+            derivatives.append((derivatives[i] - state.derivatives[i]) / window)
+        state.derivatives = derivatives
+        state.last_computed_step = state.step
+
+    def approximate(self, input: torch.Tensor, is_cond: bool) -> torch.Tensor:
+        state = self._branches[bool(is_cond)]
+        if state.last_computed_step is None:
+            raise CacheStateError(
+                f"approximate() on the {branch_name(is_cond)} branch at step {state.step} with nothing cached: "
+                "the first step of a branch must be computed"
+            )
+        elapsed = state.step - state.last_computed_step
+        if elapsed > self.taylor_threshold or len(state.derivatives) == 1:
+            state.stats.reuse_approximations += 1
+            forecast = state.derivatives[0]
+        else:
+            state.stats.taylor_approximations += 1
+            forecast = state.derivatives[0].clone()
+            for order, derivative in enumerate(state.derivatives[1:], start=1):
+                forecast.add_(derivative, alpha=elapsed**order / math.factorial(order))
+        return (input.float() + forecast).to(input.dtype)
+
+    # -- telemetry --------------------------------------------------------------------------------
+
+    def current_step(self, is_cond: bool) -> int:
+        return self._branches[bool(is_cond)].step
+
+    def stats(self) -> dict[str, dict]:
+        return {
+            branch_name(c): s.stats.as_dict()
+            for c, s in sorted(self._branches.items(), reverse=True)
+            if s.stats.computed_steps or s.stats.skipped_steps
+        }
+
+    def memory_bytes(self) -> int:
+        return sum(d.numel() * d.element_size() for s in self._branches.values() for d in s.derivatives)

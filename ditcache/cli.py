@@ -1,0 +1,126 @@
+"""The ``ditcache`` command: inspect shipped params and the skip plan they give.
+
+    ditcache list                                  # models with params (shipped + user dir)
+    ditcache plan --model Wan2.1-T2V-1.3B --steps 50
+    ditcache plan --params-file my.json --steps 30 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ditcache.cache.ada_taylor import AdaTaylorCache
+from ditcache.cache.base import branch_name
+from ditcache.errors import DitCacheError
+from ditcache.params import list_models, load_params
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    rows = []
+    for name in list_models(args.params_dir):
+        p = load_params(name, args.params_dir)
+        rows.append(
+            {
+                "model_type": name,
+                "default_steps": p.default_steps or p.num_inference_steps,
+                "calibrated_steps": p.num_inference_steps,
+                "K": p.K,
+                "thresh": p.thresh,
+                "retention_ratio": p.retention_ratio,
+                "proxy": bool(p.provenance.get("proxy")),
+                "path": p.path,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'model_type':<24} {'steps':>5} {'cal':>4} {'K':>2} {'thresh':>6} {'ret':>4}  proxy")
+    for r in rows:
+        print(
+            f"{r['model_type']:<24} {r['default_steps']:>5} {r['calibrated_steps']:>4} {r['K']:>2} "
+            f"{r['thresh']:>6.3f} {r['retention_ratio']:>4.2f}  {'yes' if r['proxy'] else ''}"
+        )
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    source = args.params_file or args.model
+    if source is None:
+        raise SystemExit("ditcache plan: give --model NAME or --params-file FILE (see `ditcache list`)")
+    params = load_params(source, args.params_dir)
+    cache = AdaTaylorCache(
+        params=params,
+        num_inference_steps=args.steps,
+        n_derivatives=args.n_derivatives,
+        taylor_threshold=args.taylor_threshold,
+    )
+    steps = cache.num_inference_steps
+    branches = [True] if args.no_cfg else [True, False]
+    plan = {branch_name(c): cache.planned_compute_steps(c) for c in branches}
+    computed = sum(len(v) for v in plan.values())
+    result = {
+        "model_type": params.model_type,
+        "num_inference_steps": steps,
+        "K": params.K,
+        "thresh": params.thresh,
+        "retention_ratio": params.retention_ratio,
+        "compute_steps": plan,
+        "skip_steps": {branch_name(c): cache.planned_skip_steps(c) for c in branches},
+        "block_passes": {"uncached": steps * len(branches), "cached": computed},
+        "ideal_speedup": steps * len(branches) / computed,
+        "calibrated_steps": params.num_inference_steps,
+        "sigma_shift": params.sigma_shift,
+        "provenance": params.provenance,
+        "path": params.path,
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{params.model_type}: {steps} steps (curve calibrated at {params.num_inference_steps}), "
+          f"K={params.K} thresh={params.thresh} retention={params.retention_ratio}")
+    for name, compute in plan.items():
+        skipped = result["skip_steps"][name]
+        print(f"  {name:<6} compute {len(compute):>3}: {compute}")
+        print(f"  {'':<6} skip    {len(skipped):>3}: {skipped}")
+    print(f"  block passes {computed}/{steps * len(branches)}, ideal speedup {result['ideal_speedup']:.2f}x")
+    prov = params.provenance
+    origin = prov.get("source_repo") or prov.get("source", "unknown")
+    where = prov.get("source_path", "")
+    print(f"  provenance: {origin} {prov.get('source_commit', '')} {where}".rstrip())
+    if prov.get("proxy"):
+        print(f"  PROXY: {prov.get('proxy_reason', 'measured on another model')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditcache", description="Feature-cache params and plans for DiT inference")
+    parser.add_argument("--params-dir", help="user params directory (searched before the shipped files)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="list models with params")
+    p_list.add_argument("--json", action="store_true")
+    p_list.set_defaults(func=_cmd_list)
+    p_plan = sub.add_parser("plan", help="print the planned compute/skip steps for a model and step count")
+    p_plan.add_argument("--model", help="model_type of shipped or user params (see `ditcache list`)")
+    p_plan.add_argument("--params-file", help="a params JSON file instead of --model")
+    p_plan.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
+    p_plan.add_argument("--n-derivatives", type=int, default=1)
+    p_plan.add_argument("--taylor-threshold", type=int, default=2)
+    p_plan.add_argument("--no-cfg", action="store_true", help="guidance off: only the cond branch runs")
+    p_plan.add_argument("--json", action="store_true")
+    p_plan.set_defaults(func=_cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DitCacheError as exc:
+        print(f"ditcache {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
