@@ -1,16 +1,22 @@
 """AdaTaylorCache: MagCache's magnitude-ratio skip schedule with TaylorSeer's forecast.
 
-On a computed step the cache stores the block-stack residual R = output - input and its finite
-differences (Taylor derivatives, in steps). On a skipped step it forecasts the residual with a
-Taylor series around the last computed step, or, when that step is further back than
-``taylor_threshold``, reuses the last residual as is (a stale derivative extrapolated far does more
-harm than plain reuse). Everything is kept in fp32 whatever the model dtype: bf16 differences of
-nearly equal tensors lose most of their bits.
+On a computed step the cache stores the block-stack residual R = output - input and its backward
+divided differences over the last computed steps. On a skipped step it forecasts the residual with
+the Newton form of the interpolating polynomial through those steps, or, when the last computed
+step is further back than ``taylor_threshold``, reuses the last residual as is (a stale derivative
+extrapolated far does more harm than plain reuse).
+
+Why Newton and not the anchors' ``sum D_i e^i / i!`` with ``D_{i+1} = (D_i - D_i') / window``: for
+orders 0 and 1 the two are the same expression; for order 2 the anchors' form is off by
+``D_2 * e * window / 2`` even on an exactly quadratic residual, while the Newton form is exact for
+polynomials of degree <= n at any spacing of the computed steps.
+
+Everything is kept in fp32 whatever the model dtype: bf16 differences of nearly equal tensors lose
+most of their bits.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -28,8 +34,8 @@ class _BranchState:
 
     compute_steps: frozenset[int]
     step: int
-    derivatives: list[torch.Tensor] = field(default_factory=list)
-    last_computed_step: int | None = None
+    differences: list[torch.Tensor] = field(default_factory=list)  # f[t0], f[t0,t1], f[t0,t1,t2] ...
+    support: list[int] = field(default_factory=list)  # t0 > t1 > ...: the computed steps they span
     stats: BranchStats = field(default_factory=BranchStats)
 
 
@@ -167,29 +173,31 @@ class AdaTaylorCache(BaseFeatureCache):
         if state.step < self.init_step:
             raise CacheStateError("update() called before should_compute() for this request")
         residual = output.detach().float() - ori_input.detach().float()
-        window = 1 if state.last_computed_step is None else max(1, state.step - state.last_computed_step)
-        derivatives = [residual]
-        for i in range(min(self.n_derivatives, len(state.derivatives))):
-            derivatives.append((derivatives[i] - state.derivatives[i]) / window)
-        state.derivatives = derivatives
-        state.last_computed_step = state.step
+        differences = [residual]
+        for i in range(min(self.n_derivatives, len(state.differences))):
+            span = state.step - state.support[i]
+            differences.append((differences[i] - state.differences[i]) / span)
+        state.differences = differences
+        state.support = [state.step, *state.support][: self.n_derivatives + 1]
 
     def approximate(self, input: torch.Tensor, is_cond: bool) -> torch.Tensor:
         state = self._branches[bool(is_cond)]
-        if state.last_computed_step is None:
+        if not state.support:
             raise CacheStateError(
                 f"approximate() on the {branch_name(is_cond)} branch at step {state.step} with nothing cached: "
                 "the first step of a branch must be computed"
             )
-        elapsed = state.step - state.last_computed_step
-        if elapsed > self.taylor_threshold or len(state.derivatives) == 1:
+        elapsed = state.step - state.support[0]
+        if elapsed > self.taylor_threshold or len(state.differences) == 1:
             state.stats.reuse_approximations += 1
-            forecast = state.derivatives[0]
+            forecast = state.differences[0]
         else:
             state.stats.taylor_approximations += 1
-            forecast = state.derivatives[0].clone()
-            for order, derivative in enumerate(state.derivatives[1:], start=1):
-                forecast.add_(derivative, alpha=elapsed**order / math.factorial(order))
+            forecast = state.differences[0].clone()
+            weight = 1.0
+            for order in range(1, len(state.differences)):
+                weight *= state.step - state.support[order - 1]
+                forecast.add_(state.differences[order], alpha=weight)
         return (input.float() + forecast).to(input.dtype)
 
     # -- telemetry --------------------------------------------------------------------------------
@@ -205,4 +213,4 @@ class AdaTaylorCache(BaseFeatureCache):
         }
 
     def memory_bytes(self) -> int:
-        return sum(d.numel() * d.element_size() for s in self._branches.values() for d in s.derivatives)
+        return sum(d.numel() * d.element_size() for s in self._branches.values() for d in s.differences)
