@@ -1,4 +1,4 @@
-"""HunyuanVideoAdapter reproduces HunyuanVideoTransformer3DModel's forward, T2V and both I2V kinds."""
+"""HunyuanVideoAdapter reproduces the diffusers forward (T2V, both I2V kinds); the pipeline caches right."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
+from ditcache.cache.ada_taylor import AdaTaylorCache
 from ditcache.cache.base import NoCache
 from ditcache.runtime.adapters import adapter_for
 from ditcache.runtime.adapters.hunyuan_video import HunyuanVideoAdapter
+from ditcache.runtime.hunyuan_pipeline import HunyuanPromptEmbeds, HunyuanVideoPipeline
 
 TEXT_DIM, POOLED_DIM = 16, 8
 
@@ -89,3 +91,109 @@ def test_guidance_distilled_model_requires_guidance():
     adapter = HunyuanVideoAdapter(tiny_hunyuan())
     with pytest.raises(ValueError, match="guidance"):
         adapter(torch.randn(1, 4, 1, 4, 4), torch.tensor([1.0]), **branch_inputs(0, [3]))
+
+
+# -- the pipeline ------------------------------------------------------------------------------
+
+STEPS = 8
+
+
+def embeds(seed: int, length: int, batch: int = 1) -> HunyuanPromptEmbeds:
+    """Random conditioning; the branches get different text lengths so a hook can tell them apart."""
+    g = torch.Generator().manual_seed(seed)
+    return HunyuanPromptEmbeds(
+        torch.randn(batch, length, TEXT_DIM, generator=g),
+        torch.ones(batch, length, dtype=torch.long),
+        torch.randn(batch, POOLED_DIM, generator=g),
+    )
+
+
+def skipping_cache(thresh: float = 0.3) -> AdaTaylorCache:
+    # cond's flat curve lets K=2 skips run back to back; uncond's drifting one skips less.
+    return AdaTaylorCache(
+        cond_mag_ratios=[1.0] * STEPS,
+        uncond_mag_ratios=[1.0] + [1.1] * (STEPS - 1),
+        K=2,
+        thresh=thresh,
+        retention_ratio=0.2,
+        num_inference_steps=STEPS,
+        n_derivatives=1,
+    )
+
+
+def count_block_passes(model, lengths: dict[int, str]) -> tuple[dict[str, int], object]:
+    """Count first-block calls per branch, telling the branch by the text length it gets."""
+    counts = {name: 0 for name in lengths.values()}
+
+    def hook(module, args):
+        counts[lengths[args[1].shape[1]]] += 1
+
+    return counts, model.transformer_blocks[0].register_forward_pre_hook(hook)
+
+
+def run(pipe: HunyuanVideoPipeline, **kwargs):
+    base = dict(
+        prompt_embeds=embeds(1, 6),
+        num_inference_steps=STEPS,
+        height=32,
+        width=48,
+        num_frames=5,
+        output_type="latent",
+        progress=False,
+    )
+    return pipe(**{**base, **kwargs})
+
+
+def test_pipeline_with_real_cfg_runs_the_stack_exactly_on_planned_steps():
+    model = tiny_hunyuan()
+    pipe = HunyuanVideoPipeline(model)
+    cache = skipping_cache()
+    counts, handle = count_block_passes(model, {6: "cond", 4: "uncond"})
+    out = run(pipe, negative_prompt_embeds=embeds(2, 4), guidance_scale=3.0, feature_cache=cache)
+    handle.remove()
+    planned = {"cond": cache.planned_compute_steps(True), "uncond": cache.planned_compute_steps(False)}
+    assert all(len(steps) < STEPS for steps in planned.values()), planned
+    assert counts == {name: len(steps) for name, steps in planned.items()}
+    assert out.stack_passes["transformer"] == counts
+    assert out.frames.shape == (1, 4, 2, 4, 6) and torch.isfinite(out.frames).all()
+
+
+def test_pipeline_cache_that_computes_every_step_equals_uncached_output():
+    model = tiny_hunyuan()
+    pipe = HunyuanVideoPipeline(model)
+    kwargs = dict(negative_prompt_embeds=embeds(2, 4), guidance_scale=3.0)
+    uncached = run(pipe, enable_ada_taylor_cache=False, **kwargs)
+    always = skipping_cache(thresh=0.0)
+    cached = run(pipe, feature_cache=always, **kwargs)
+    assert cached.stack_passes["transformer"] == {"cond": STEPS, "uncond": STEPS}
+    assert torch.equal(cached.frames, uncached.frames)
+    # A cache that skips changes the result, and a rerun with it starts clean (same result again).
+    skipping = skipping_cache()
+    first = run(pipe, feature_cache=skipping, **kwargs)
+    second = run(pipe, feature_cache=skipping, **kwargs)
+    assert not torch.equal(first.frames, uncached.frames)
+    assert torch.equal(first.frames, second.frames)
+
+
+def test_embedded_guidance_only_runs_no_unconditional_branch():
+    model = tiny_hunyuan()
+    counts, handle = count_block_passes(model, {6: "cond", 4: "uncond"})
+    out = run(HunyuanVideoPipeline(model), feature_cache=skipping_cache(), embedded_guidance_scale=4.0)
+    handle.remove()
+    assert counts["uncond"] == 0 and out.branch_steps == {"cond": STEPS}
+    assert counts["cond"] == out.stack_passes["transformer"]["cond"] < STEPS
+
+
+def test_token_replace_i2v_keeps_the_image_as_first_frame():
+    model = tiny_hunyuan("token_replace")
+    image_latents = torch.randn(1, 4, 1, 4, 6, generator=torch.Generator().manual_seed(9))
+    out = run(HunyuanVideoPipeline(model), image_latents=image_latents, feature_cache=skipping_cache())
+    assert torch.equal(out.frames[:, :, :1], image_latents)
+    assert out.stack_passes["transformer"]["cond"] < STEPS
+
+
+def test_latent_concat_i2v_returns_the_generated_frames_only():
+    model = tiny_hunyuan("latent_concat")
+    image_latents = torch.randn(1, 4, 1, 4, 6, generator=torch.Generator().manual_seed(9))
+    out = run(HunyuanVideoPipeline(model), image_latents=image_latents, enable_ada_taylor_cache=False)
+    assert out.frames.shape == (1, 4, 1, 4, 6)

@@ -1,0 +1,451 @@
+"""HunyuanVideo text-to-video and image-to-video with a feature cache around the block stack.
+
+Guidance comes in two kinds. The released checkpoints are guidance-distilled: the scale enters the
+model as an input (``embedded_guidance_scale``), one forward per step, conditional branch only. Real
+classifier-free guidance (a second, unconditional forward per step) runs when a negative prompt (or
+its embeddings) is given and ``guidance_scale > 1``; the two branches are separate adapter calls
+because the cache keeps per-branch state.
+
+The prompt encoders (a Llama-3 8B LLM and CLIP-L) are large, so a request can bring its own
+embeddings (:class:`HunyuanPromptEmbeds`) instead; :class:`HunyuanPromptEncoder` loads the real
+ones from a local model directory when they are there. Sampling is ditcache's flow-matching Euler
+grid (``sigma_i = 1 - i/N``, shifted), which is the grid diffusers' HunyuanVideo pipeline uses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ditcache.cache.base import BaseFeatureCache, NoCache
+from ditcache.errors import ParamsError
+from ditcache.runtime.adapters.hunyuan_video import HunyuanVideoAdapter
+from ditcache.runtime.loading import check_part, part_spec, read_model_index
+from ditcache.runtime.pipeline import GenerationOutput, WanPipeline, _as_prompt_list
+from ditcache.runtime.scheduler import FlowMatchSchedule, flow_match_schedule
+
+EXPERT = "transformer"
+
+# diffusers' HunyuanVideo prompt template; the first 95 tokens (the system prompt) are cropped off.
+PROMPT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+PROMPT_TEMPLATE_CROP = 95
+
+
+@dataclass
+class HunyuanPromptEmbeds:
+    """One branch's text conditioning: Llama tokens ``[B, L, D]``, their mask ``[B, L]``, CLIP ``[B, P]``."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def __post_init__(self) -> None:
+        batch, length = self.embeds.shape[:2]
+        if self.mask.shape != (batch, length) or self.pooled.shape[0] != batch:
+            raise ParamsError(
+                f"HunyuanPromptEmbeds: embeds {tuple(self.embeds.shape)}, mask {tuple(self.mask.shape)} and "
+                f"pooled {tuple(self.pooled.shape)} disagree; expected mask (B, L) and pooled (B, P)"
+            )
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "HunyuanPromptEmbeds":
+        return HunyuanPromptEmbeds(
+            self.embeds.to(device, dtype), self.mask.to(device), self.pooled.to(device, dtype)
+        )
+
+
+class HunyuanPromptEncoder(torch.nn.Module):
+    """Llama (token embeddings, third-to-last hidden layer) + CLIP (pooled), encoding as diffusers does."""
+
+    def __init__(
+        self,
+        llama: torch.nn.Module,
+        tokenizer: Any,
+        clip: torch.nn.Module,
+        clip_tokenizer: Any,
+        max_sequence_length: int = 256,
+        template: str = PROMPT_TEMPLATE,
+        template_crop: int = PROMPT_TEMPLATE_CROP,
+    ) -> None:
+        super().__init__()
+        self.llama = llama
+        self.tokenizer = tokenizer
+        self.clip = clip
+        self.clip_tokenizer = clip_tokenizer
+        self.max_sequence_length = max_sequence_length
+        self.template = template
+        self.template_crop = template_crop
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> "HunyuanPromptEncoder":
+        """Load ``text_encoder``/``tokenizer`` (Llama) and ``text_encoder_2``/``tokenizer_2`` (CLIP); never downloads."""
+        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+
+        root = Path(model_dir)
+        for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+            if not (root / part).is_dir():
+                raise ParamsError(f"model directory {root} has no {part}/ folder (HunyuanVideo's prompt encoders)")
+        local = {"local_files_only": True}
+        return cls(
+            LlamaModel.from_pretrained(str(root / "text_encoder"), dtype=dtype, **local).eval(),
+            AutoTokenizer.from_pretrained(str(root / "tokenizer"), **local),
+            CLIPTextModel.from_pretrained(str(root / "text_encoder_2"), dtype=dtype, **local).eval(),
+            AutoTokenizer.from_pretrained(str(root / "tokenizer_2"), **local),
+        )
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> HunyuanPromptEmbeds:
+        device = next(self.llama.parameters()).device
+        tokens = self.tokenizer(
+            [self.template.format(p) for p in prompts],
+            max_length=self.max_sequence_length + self.template_crop,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).to(device)
+        hidden = self.llama(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True
+        ).hidden_states[-3]
+        clip_ids = self.clip_tokenizer(
+            prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        pooled = self.clip(clip_ids, output_hidden_states=False).pooler_output
+        crop = self.template_crop
+        return HunyuanPromptEmbeds(hidden[:, crop:], tokens.attention_mask[:, crop:], pooled)
+
+
+class HunyuanVideoPipeline:
+    """HunyuanVideo T2V / I2V (``latent_concat`` or ``token_replace`` checkpoints) with a feature cache.
+
+    ``vae`` (AutoencoderKLHunyuanVideo) is needed to decode frames and to encode an I2V ``image``;
+    without one, requests return latents (``output_type="latent"``) and I2V takes ``image_latents``.
+    """
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        vae: torch.nn.Module | None = None,
+        prompt_encoder: HunyuanPromptEncoder | None = None,
+        *,
+        default_shift: float = 7.0,
+    ) -> None:
+        self.adapter = HunyuanVideoAdapter(transformer)
+        self.adapters = {EXPERT: self.adapter}
+        self.vae = vae
+        self.prompt_encoder = prompt_encoder
+        self.default_shift = default_shift
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+    ) -> "HunyuanVideoPipeline":
+        """Load a local diffusers-format HunyuanVideo directory; the prompt encoders only if present."""
+        from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+
+        root = Path(model_dir)
+        index = read_model_index(root)
+        local = {"local_files_only": True}
+        transformer = HunyuanVideoTransformer3DModel.from_pretrained(
+            str(check_part(root, "transformer")), torch_dtype=dtype, **local
+        )
+        vae = None
+        if part_spec(index, "vae") is not None:
+            # Decoding runs once per request; fp32 keeps the frames clean.
+            vae = AutoencoderKLHunyuanVideo.from_pretrained(
+                str(check_part(root, "vae")), torch_dtype=torch.float32, **local
+            ).to(device)
+        encoder = None
+        # I2V checkpoints encode the prompt with LLaVA and the image; only the T2V Llama encoder is
+        # loaded here, I2V requests bring prompt_embeds.
+        if part_spec(index, "text_encoder") == ("transformers", "LlamaModel"):
+            encoder = HunyuanPromptEncoder.from_pretrained(root, dtype=dtype).to(device)
+        shift = 7.0
+        if part_spec(index, "scheduler") is not None:
+            config = json.loads((check_part(root, "scheduler") / "scheduler_config.json").read_text())
+            shift = float(config.get("shift", shift))
+        return cls(transformer.eval().to(device), vae, encoder, default_shift=shift)
+
+    @property
+    def image_condition_type(self) -> str | None:
+        return self.adapter.transformer.config.image_condition_type
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    def _conditioning(
+        self, prompt: str | list[str] | None, embeds: HunyuanPromptEmbeds | None, what: str
+    ) -> HunyuanPromptEmbeds:
+        model = self.adapter.transformer
+        if embeds is None:
+            if prompt is None:
+                raise ParamsError(f"pass {what} (a string or list) or {what}_embeds (HunyuanPromptEmbeds)")
+            if self.prompt_encoder is None:
+                raise ParamsError(
+                    f"this pipeline has no prompt encoder (no text_encoder/ in the model directory): pass "
+                    f"{what}_embeds=HunyuanPromptEmbeds(...) instead of {what}"
+                )
+            embeds = self.prompt_encoder.encode(_as_prompt_list(prompt, what))
+        return embeds.to(model.device, model.dtype)
+
+    def _scale_factors(self) -> tuple[int, int]:
+        """(temporal, spatial) compression of the VAE; HunyuanVideo's (4, 8) when there is none."""
+        if self.vae is None:
+            return 4, 8
+        return int(self.vae.config.temporal_compression_ratio), int(self.vae.config.spatial_compression_ratio)
+
+    def _latent_grid(self, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
+        s_t, s_s = self._scale_factors()
+        _, p, _ = self.adapter.patch_size
+        for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ParamsError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("height", height), ("width", width)):
+            if value % (s_s * p):
+                raise ParamsError(f"{name}={value} is not divisible by {s_s * p} (VAE scale {s_s} x patch size {p})")
+        if (num_frames - 1) % s_t:
+            raise ParamsError(f"num_frames - 1 must be divisible by the VAE's temporal scale {s_t}, got {num_frames}")
+        return (num_frames - 1) // s_t + 1, height // s_s, width // s_s
+
+    def _image_latents(
+        self, image: torch.Tensor | None, image_latents: torch.Tensor | None, batch: int
+    ) -> torch.Tensor:
+        """The first frame's latents ``[B, C, 1, h, w]``, scaled as the transformer sees them."""
+        if image_latents is None:
+            if image is None:
+                raise ParamsError(
+                    f"this checkpoint is image-to-video ({self.image_condition_type}): pass image= "
+                    "([B, 3, H, W] in [-1, 1], needs a vae) or image_latents= ([B, C, 1, h, w], scaled)"
+                )
+            if self.vae is None:
+                raise ParamsError("encoding image= needs a vae; pass image_latents= instead")
+            dist = self.vae.encode(image.unsqueeze(2).to(self.vae.device, self.vae.dtype)).latent_dist
+            image_latents = dist.mode() * self.vae.config.scaling_factor
+        if image_latents.ndim != 5 or image_latents.shape[2] != 1 or image_latents.shape[0] not in (1, batch):
+            raise ParamsError(
+                f"image_latents must be [B or 1, C, 1, h, w] for {batch} prompts, got {tuple(image_latents.shape)}"
+            )
+        return image_latents.float().expand(batch, -1, -1, -1, -1)
+
+    def _resolve_cache(
+        self,
+        feature_cache: BaseFeatureCache | None,
+        enable_ada_taylor_cache: bool,
+        model_type: str | None,
+        num_steps: int,
+        n_derivatives: int,
+        taylor_threshold: int,
+    ) -> tuple[BaseFeatureCache, bool]:
+        """The request's cache and whether it is the params-driven AdaTaylorCache."""
+        if feature_cache is not None:
+            if not isinstance(feature_cache, BaseFeatureCache):
+                raise ParamsError(f"feature_cache must be a BaseFeatureCache, got {type(feature_cache).__name__}")
+            return feature_cache, False
+        if not enable_ada_taylor_cache:
+            return NoCache(), False
+        from ditcache.cache.factory import create_feature_cache
+
+        default_type = "HunyuanVideo-I2V" if self.image_condition_type else "HunyuanVideo-T2V"
+        cache = create_feature_cache(
+            "ada_taylor",
+            model_type=model_type or default_type,
+            num_inference_steps=num_steps,
+            n_derivatives=n_derivatives,
+            taylor_threshold=taylor_threshold,
+        )
+        return cache, True
+
+    # -- the request -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        sigma_shift: float | None = None,
+        seed: int = 0,
+        height: int = 720,
+        width: int = 1280,
+        num_frames: int = 129,
+        enable_ada_taylor_cache: bool = True,
+        ada_taylor_n_derivatives: int = 1,
+        ada_taylor_taylor_threshold: int = 2,
+        model_type: str | None = None,
+        feature_cache: BaseFeatureCache | None = None,
+        *,
+        embedded_guidance_scale: float = 6.0,
+        prompt_embeds: HunyuanPromptEmbeds | None = None,
+        negative_prompt_embeds: HunyuanPromptEmbeds | None = None,
+        image: torch.Tensor | None = None,
+        image_latents: torch.Tensor | None = None,
+        output_type: Literal["frames", "latent"] = "frames",
+        progress: bool = True,
+    ) -> GenerationOutput:
+        """Generate one video per prompt.
+
+        ``guidance_scale`` is real CFG: it runs the unconditional branch only with a negative prompt
+        (or ``negative_prompt_embeds``) and a scale > 1. ``embedded_guidance_scale`` feeds the
+        guidance embedding of distilled checkpoints (ignored by others). The cache is
+        ``feature_cache`` if given, else an AdaTaylorCache from ``model_type``'s params (default
+        HunyuanVideo-T2V / -I2V) when ``enable_ada_taylor_cache``, else none; it is reset first.
+        ``output_type="latent"`` returns the latents in ``frames`` (no VAE needed).
+        """
+        start = time.perf_counter()
+        if output_type not in ("frames", "latent"):
+            raise ParamsError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
+        if output_type == "frames" and self.vae is None:
+            raise ParamsError("decoding frames needs a vae; pass output_type='latent' or build the pipeline with one")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ParamsError(f"seed must be an integer, got {seed!r}")
+        cond = self._conditioning(prompt, prompt_embeds, "prompt")
+        has_negative = negative_prompt is not None or negative_prompt_embeds is not None
+        do_cfg = guidance_scale > 1.0 and has_negative
+        if guidance_scale > 1.0 and not has_negative:
+            warnings.warn(
+                f"guidance_scale={guidance_scale} but no negative prompt: real CFG is off (HunyuanVideo is "
+                "guidance-distilled; embedded_guidance_scale steers it)",
+                stacklevel=2,
+            )
+        uncond = self._conditioning(negative_prompt, negative_prompt_embeds, "negative_prompt") if do_cfg else None
+        if uncond is not None and uncond.embeds.shape[0] != cond.embeds.shape[0]:
+            raise ParamsError(
+                f"{uncond.embeds.shape[0]} negative conditionings for {cond.embeds.shape[0]} prompts"
+            )
+
+        schedule = flow_match_schedule(num_inference_steps, self.default_shift if sigma_shift is None else sigma_shift)
+        cache, params_cache = self._resolve_cache(
+            feature_cache,
+            enable_ada_taylor_cache,
+            model_type,
+            schedule.num_steps,
+            ada_taylor_n_derivatives,
+            ada_taylor_taylor_threshold,
+        )
+        cache.reset()
+        self.adapter.reset_counters()
+
+        model = self.adapter.transformer
+        device, dtype = model.device, model.dtype
+        batch = cond.embeds.shape[0]
+        frames, h, w = self._latent_grid(height, width, num_frames)
+        kind = self.image_condition_type
+        channels = model.config.in_channels if kind != "latent_concat" else (model.config.in_channels - 1) // 2
+        # Noise is drawn on the CPU so a seed gives the same sample on every device.
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = torch.randn((batch, channels, frames, h, w), generator=generator).to(device)
+        first_frame = concat_tail = None
+        if kind is not None:
+            first_frame = self._image_latents(image, image_latents, batch).to(device)
+            # diffusers' I2V starts from noise with a trace (0.1%) of the image in every frame.
+            latents = latents * 0.999 + first_frame * 0.001
+            if kind == "latent_concat":
+                # Channels appended to the latents: the image in frame 0 (zeros after) and a frame-0 mask.
+                image_part = torch.zeros_like(latents)
+                image_part[:, :, :1] = first_frame
+                mask = torch.zeros_like(latents[:, :1])
+                mask[:, :, :1] = 1
+                concat_tail = torch.cat([image_part, mask], dim=1)
+
+        guidance = None
+        if self.adapter.uses_embedded_guidance:
+            guidance = torch.full((batch,), embedded_guidance_scale * 1000.0, device=device, dtype=dtype)
+
+        for step in tqdm(range(schedule.num_steps), desc="denoising", disable=not progress):
+            timestep = schedule.timesteps[step].to(device).expand(batch)
+            if kind == "latent_concat":
+                model_input = torch.cat([latents, concat_tail], dim=1)
+            elif kind == "token_replace":
+                model_input = torch.cat([first_frame, latents[:, :, 1:]], dim=2)
+            else:
+                model_input = latents
+            model_input = model_input.to(dtype)
+            velocity = self._predict(model_input, timestep, cond, guidance, True, cache, step)
+            if uncond is not None:
+                negative = self._predict(model_input, timestep, uncond, guidance, False, cache, step)
+                velocity = negative + guidance_scale * (velocity - negative)
+            if kind == "token_replace":
+                # The first frame is the given image, not a sample: only the rest is integrated.
+                rest = schedule.step(latents[:, :, 1:], velocity[:, :, 1:], step)
+                latents = torch.cat([first_frame, rest], dim=2)
+            else:
+                latents = schedule.step(latents, velocity, step)
+
+        if output_type == "latent":
+            result = latents[:, :, 1:] if kind == "latent_concat" else latents
+        else:
+            result = self._decode(latents, drop_first_frames=kind == "latent_concat")
+        return self._report(result, cache, schedule, do_cfg, params_cache, time.perf_counter() - start)
+
+    def _predict(
+        self,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        text: HunyuanPromptEmbeds,
+        guidance: torch.Tensor | None,
+        is_cond: bool,
+        cache: BaseFeatureCache,
+        step: int,
+    ) -> torch.Tensor:
+        velocity = self.adapter(
+            model_input,
+            timestep,
+            text.embeds,
+            encoder_attention_mask=text.mask,
+            pooled_projections=text.pooled,
+            guidance=guidance,
+            is_cond=is_cond,
+            cache=cache,
+        )
+        WanPipeline._check_step(cache, EXPERT, is_cond, step)
+        return velocity.float()
+
+    def _decode(self, latents: torch.Tensor, drop_first_frames: bool) -> torch.Tensor:
+        """Latents -> frames ``[B, 3, F, H, W]`` in [0, 1]."""
+        scaled = (latents / self.vae.config.scaling_factor).to(self.vae.device, self.vae.dtype)
+        video = self.vae.decode(scaled, return_dict=False)[0]
+        if drop_first_frames:
+            # latent_concat checkpoints spend the first latent frame (4 video frames) on the image.
+            video = video[:, :, self._scale_factors()[0] :]
+        return (video.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def _report(
+        self,
+        result: torch.Tensor,
+        cache: BaseFeatureCache,
+        schedule: FlowMatchSchedule,
+        do_cfg: bool,
+        params_cache: bool,
+        wall: float,
+    ) -> GenerationOutput:
+        steps = schedule.num_steps
+        output = GenerationOutput(
+            frames=result,
+            cache_stats={EXPERT: cache.stats()},
+            stack_passes={EXPERT: dict(self.adapter.stack_passes)},
+            branch_steps={name: steps for name in (["cond", "uncond"] if do_cfg else ["cond"])},
+            expert_steps={EXPERT: list(range(steps))},
+            cache_memory_bytes={EXPERT: cache.memory_bytes()},
+            sigmas=schedule.sigmas.tolist(),
+            timesteps=schedule.timesteps.tolist(),
+            wall_time_s=wall,
+        )
+        if params_cache and output.total_stack_passes() == output.branch_steps:
+            warnings.warn(
+                f"AdaTaylorCache is enabled but skipped no step at {steps} steps: check the params or raise thresh",
+                stacklevel=3,
+            )
+        return output
