@@ -1,0 +1,235 @@
+"""Load a diffusers-format model directory (``--model-dir``) without touching the network.
+
+Layout (``model_index.json`` names each part as ``[library, class]``, or ``null`` when absent)::
+
+    model_index.json   parts, optional "boundary_ratio" (Wan2.2) and an optional "ditcache" section
+    transformer/       config.json + weights (transformer_2/ too for Wan2.2's low-noise expert)
+    text_encoder/      the prompt encoder (UMT5 for Wan, DigitPromptEncoder for the reference model)
+    tokenizer/         its tokenizer
+    vae/               AutoencoderKLWan, or "vae": null for a model that denoises pixels directly
+    scheduler/         scheduler_config.json (only its shift is read: sampling is ditcache's own)
+
+The ``"ditcache"`` section states what diffusers' index cannot: ``latent_space`` ("pixel" or "vae"),
+the default request (``height``, ``width``, ``num_frames``, ``default_steps``,
+``default_shift``, ``default_guidance_scale``) and the params ``model_type`` of the cache curves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditcache.errors import ParamsError, UnknownModelError
+from ditcache.runtime.text_encoders import TextEncoder, UMT5TextEncoder
+
+LATENT_SPACES = ("pixel", "vae")
+EXPERT_PARTS = ("transformer", "transformer_2")
+
+# What each part's folder must hold, for the error that names a missing one.
+_PART_FILES = {
+    "transformer": ("config.json", "a diffusers transformer config and its weights (*.safetensors)"),
+    "transformer_2": ("config.json", "the low-noise expert's diffusers config and weights (*.safetensors)"),
+    "text_encoder": (None, "the prompt encoder's config and weights"),
+    "tokenizer": (None, "the tokenizer files (tokenizer.json or tokenizer_config.json + vocabulary)"),
+    "vae": ("config.json", "an AutoencoderKLWan config and its weights (*.safetensors)"),
+    "scheduler": ("scheduler_config.json", "the scheduler config (its 'shift' or 'flow_shift' is the default shift)"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Model-level facts and request defaults, read from ``model_index.json``."""
+
+    latent_space: str
+    height: int
+    width: int
+    num_frames: int
+    default_steps: int
+    default_shift: float
+    default_guidance_scale: float
+    model_type: str | None
+    boundary_ratio: float | None
+
+
+@dataclass
+class LoadedModel:
+    """Everything a pipeline is built from."""
+
+    path: Path
+    index: dict[str, Any]
+    settings: ModelSettings
+    transformers: dict[str, torch.nn.Module]  # "transformer" (and "transformer_2" for two experts)
+    text_encoder: TextEncoder
+    vae: torch.nn.Module | None
+
+
+def read_model_index(model_dir: str | Path) -> dict[str, Any]:
+    """Parse ``model_index.json``; a missing directory or file is a ParamsError saying what is expected."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ParamsError(f"model directory {root} does not exist (expected a diffusers-format folder)")
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise ParamsError(
+            f"model directory {root} has no model_index.json: it should list the parts "
+            "(transformer, text_encoder, tokenizer, vae, scheduler) as [library, class] pairs"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ParamsError(f"{index_path} is not valid JSON: {exc}") from exc
+    if not isinstance(index, dict):
+        raise ParamsError(f"{index_path} must hold a JSON object")
+    return index
+
+
+def part_spec(index: dict[str, Any], part: str) -> tuple[str, str] | None:
+    """``(library, class)`` of a part, or None when the index leaves it out or sets it to null."""
+    spec = index.get(part)
+    if spec is None:
+        return None
+    if not (isinstance(spec, (list, tuple)) and len(spec) == 2 and all(isinstance(s, str) for s in spec)):
+        raise ParamsError(f"model_index.json entry {part!r} must be [library, class] or null, got {spec!r}")
+    return spec[0], spec[1]
+
+
+def check_part(root: Path, part: str) -> Path:
+    """The part's folder, after checking it exists with its config file."""
+    folder = root / part
+    required, what = _PART_FILES[part]
+    if not folder.is_dir():
+        raise ParamsError(f"model directory {root} is missing the folder {part}/: it should contain {what}")
+    if required is not None and not (folder / required).is_file():
+        raise ParamsError(f"model directory {root} is missing {part}/{required}: {part}/ should contain {what}")
+    if required is None and not any(folder.iterdir()):
+        raise ParamsError(f"model directory {root}: folder {part}/ is empty; it should contain {what}")
+    return folder
+
+
+def read_settings(root: Path, index: dict[str, Any]) -> ModelSettings:
+    """Merge the ``ditcache`` section, the scheduler config and Wan's defaults."""
+    section = index.get("ditcache") or {}
+    if not isinstance(section, dict):
+        raise ParamsError(f"{root}/model_index.json: 'ditcache' must be an object, got {section!r}")
+    has_vae = part_spec(index, "vae") is not None
+    latent_space = section.get("latent_space", "vae" if has_vae else None)
+    if latent_space not in LATENT_SPACES:
+        raise ParamsError(
+            f"{root}/model_index.json: ditcache.latent_space must be one of {LATENT_SPACES} "
+            f"(a model without a vae must say 'pixel'), got {latent_space!r}"
+        )
+    if latent_space == "vae" and not has_vae:
+        raise ParamsError(f"{root}/model_index.json: latent_space 'vae' but the 'vae' part is null")
+    pixel = latent_space == "pixel"
+
+    shift = section.get("default_shift")
+    if shift is None and part_spec(index, "scheduler") is not None:
+        config = json.loads((check_part(root, "scheduler") / "scheduler_config.json").read_text())
+        shift = config.get("shift", config.get("flow_shift"))
+
+    return ModelSettings(
+        latent_space=latent_space,
+        height=int(section.get("height", 480)),
+        width=int(section.get("width", 832)),
+        num_frames=int(section.get("num_frames", 1 if pixel else 81)),
+        default_steps=int(section.get("default_steps", 50)),
+        default_shift=float(shift if shift is not None else 5.0),
+        default_guidance_scale=float(section.get("default_guidance_scale", 5.0)),
+        model_type=section.get("model_type"),
+        boundary_ratio=index.get("boundary_ratio"),
+    )
+
+
+def _load_diffusers_part(root: Path, part: str, spec: tuple[str, str], dtype: torch.dtype) -> torch.nn.Module:
+    library, class_name = spec
+    if library != "diffusers":
+        raise UnknownModelError(f"{root}: part {part!r} is {library}.{class_name}; only diffusers classes load here")
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise UnknownModelError(f"{root}: part {part!r} names diffusers.{class_name}, which this diffusers lacks")
+    return load_diffusers_model(cls, check_part(root, part), dtype)
+
+
+def load_diffusers_model(cls: type, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """Build ``cls`` from ``folder/config.json`` and load every ``*.safetensors`` file (shards too).
+
+    Not ``cls.from_pretrained``: diffusers refuses classes with fp32-kept modules (Wan's rope, time
+    embedder, norms) unless ``accelerate`` is installed. Those modules stay fp32 here too, as
+    diffusers would keep them, because they lose precision in half types.
+    """
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ParamsError(f"{folder} has no *.safetensors weights (only safetensors checkpoints are loaded)")
+    model = cls.from_config(cls.load_config(str(folder)))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    ignored = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
+    state = {k: v for k, v in state.items() if not any(re.search(pattern, k) for pattern in ignored)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ParamsError(
+            f"{folder}: the weights do not match config.json: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    model = model.to(dtype)
+    keep_fp32 = set(getattr(cls, "_keep_in_fp32_modules", None) or [])
+    if keep_fp32 and dtype != torch.float32:
+        for name, module in model.named_modules():
+            if keep_fp32.intersection(name.split(".")):
+                module.float()
+    return model.eval()
+
+
+def load_text_encoder(root: Path, index: dict[str, Any], dtype: torch.dtype) -> TextEncoder:
+    """Dispatch on the text_encoder entry of ``model_index.json``."""
+    spec = part_spec(index, "text_encoder")
+    if spec is None:
+        raise ParamsError(f"model directory {root}: model_index.json has no text_encoder part")
+    te_dir = check_part(root, "text_encoder")
+    tok_dir = check_part(root, "tokenizer")
+    if spec == ("transformers", "UMT5EncoderModel"):
+        return UMT5TextEncoder.from_pretrained(te_dir, tok_dir, dtype=dtype)
+    if spec == ("ditcache", "DigitPromptEncoder"):
+        from ditcache.runtime.reference import DigitPromptEncoder
+
+        return DigitPromptEncoder.from_pretrained(root)
+    raise UnknownModelError(
+        f"{root}: unsupported text_encoder {spec[0]}.{spec[1]}; supported: "
+        "transformers.UMT5EncoderModel, ditcache.DigitPromptEncoder"
+    )
+
+
+def load_model_dir(
+    model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load every part named by ``model_index.json`` from local files onto ``device``."""
+    root = Path(model_dir)
+    index = read_model_index(root)
+    settings = read_settings(root, index)
+
+    transformers: dict[str, torch.nn.Module] = {}
+    for part in EXPERT_PARTS:
+        spec = part_spec(index, part)
+        if spec is not None:
+            transformers[part] = _load_diffusers_part(root, part, spec, dtype).to(device)
+    if "transformer" not in transformers:
+        raise ParamsError(f"model directory {root}: model_index.json has no transformer part")
+
+    vae_spec = part_spec(index, "vae")
+    # The VAE decodes in fp32: its output is the image, and it is run once per request.
+    vae = None if vae_spec is None else _load_diffusers_part(root, "vae", vae_spec, torch.float32).to(device)
+
+    text_encoder = load_text_encoder(root, index, dtype)
+    if isinstance(text_encoder, torch.nn.Module):
+        text_encoder = text_encoder.to(device)
+    return LoadedModel(root, index, settings, transformers, text_encoder, vae)
