@@ -1,0 +1,220 @@
+"""Process groups for one rank (cfg, sp, replica) and the timed collectives run over them.
+
+Every collective in ditcache goes through a :class:`Group` method, which waits with a deadline and
+turns a timeout into a :class:`CollectiveError` that names the operation, the group and the ranks,
+so a rank that diverged or died shows up as an error instead of a hang. Groups of size 1 never touch
+``torch.distributed``: a world-1 run (no ``torchrun``) takes the same code path with no process group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ditcache.errors import CacheConfigError, DitCacheError
+from ditcache.parallel.config import ParallelConfig, RankCoords
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class CollectiveError(DitCacheError, RuntimeError):
+    """A collective did not complete in time or failed: a peer rank diverged, raised or died."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """One process group as seen from this rank, with timed collectives.
+
+    ``ranks`` are global ranks in group-rank order; ``rank`` is this process's index in it.
+    ``pg`` is ``None`` exactly when the group has one member (no communication needed).
+    """
+
+    name: str
+    ranks: tuple[int, ...]
+    rank: int
+    pg: dist.ProcessGroup | None
+    timeout: datetime.timedelta
+
+    def __post_init__(self) -> None:
+        if (self.pg is None) != (len(self.ranks) == 1):
+            raise ValueError(f"group {self.name!r}: a process group is needed exactly when size > 1")
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def global_rank(self) -> int:
+        return self.ranks[self.rank]
+
+    def describe(self) -> str:
+        return f"{self.name} group (global ranks {list(self.ranks)})"
+
+    def all_gather(self, tensor: torch.Tensor, op: str = "all_gather") -> list[torch.Tensor]:
+        """Every member's ``tensor`` (same shape on all members), in group-rank order."""
+        if self.pg is None:
+            return [tensor]
+        tensor = tensor.contiguous()
+        out = [torch.empty_like(tensor) for _ in self.ranks]
+        self._wait(op, lambda: dist.all_gather(out, tensor, group=self.pg, async_op=True))
+        return out
+
+    def all_to_all(self, tensor: torch.Tensor, op: str = "all_to_all") -> torch.Tensor:
+        """Chunk ``i`` of dim 0 goes to member ``i``; chunk ``j`` of the result came from member ``j``."""
+        if self.pg is None:
+            return tensor
+        if tensor.shape[0] != self.size:
+            raise ValueError(f"{op}: dim 0 must equal the group size {self.size}, got {tuple(tensor.shape)}")
+        tensor = tensor.contiguous()
+        out = torch.empty_like(tensor)
+        self._wait(op, lambda: dist.all_to_all_single(out, tensor, group=self.pg, async_op=True))
+        return out
+
+    def _wait(self, op: str, start: Callable[[], dist.Work]) -> None:
+        try:
+            start().wait(self.timeout)
+        except RuntimeError as exc:  # gloo/nccl timeouts and peer failures are RuntimeErrors
+            raise CollectiveError(
+                f"{op} over the {self.describe()} failed on global rank {self.global_rank} "
+                f"(timeout {self.timeout.total_seconds():g} s): {exc}. Another rank of this group "
+                f"probably raised, died, or is waiting in a different collective"
+            ) from exc
+
+
+def _single_group(name: str, rank: int, timeout: datetime.timedelta) -> Group:
+    return Group(name=name, ranks=(rank,), rank=0, pg=None, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This rank's place in the ``(dp, cfg, sp)`` mesh and its groups.
+
+    ``cfg``: the ranks running the other CFG branch of the same tokens (size ``cfg_degree``).
+    ``sp``: the ranks sharing one token sequence (size ``sp_degree``).
+    ``replica``: all ranks serving one request (``cfg x sp``), over which steps are checked.
+    """
+
+    config: ParallelConfig
+    rank: int
+    coords: RankCoords
+    cfg: Group
+    sp: Group
+    replica: Group
+    device: torch.device
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of the replica this rank belongs to."""
+        return self.coords.dp_rank
+
+    @property
+    def branch(self) -> bool | None:
+        """Under CFG-parallel the one branch this rank runs (cfg rank 0: cond = True, 1: uncond =
+        False); ``None`` when ``cfg_degree`` is 1 and the rank runs both."""
+        if self.config.cfg_degree == 1:
+            return None
+        return self.coords.cfg_rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.config.world_size > 1
+
+    def describe(self) -> str:
+        c = self.coords
+        return f"rank {self.rank} (dp {c.dp_rank}, cfg {c.cfg_rank}, sp {c.sp_rank})"
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelGroups:
+        """World 1: every group has one member and nothing touches ``torch.distributed``."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        return cls(
+            config=ParallelConfig(),
+            rank=0,
+            coords=RankCoords(0, 0, 0),
+            cfg=_single_group("cfg", 0, timeout),
+            sp=_single_group("sp", 0, timeout),
+            replica=_single_group("replica", 0, timeout),
+            device=torch.device(device),
+        )
+
+    @classmethod
+    def build(
+        cls,
+        config: ParallelConfig,
+        *,
+        device: torch.device | str = "cpu",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> ParallelGroups:
+        """Create the groups on an initialised default process group (collective: call on every rank)."""
+        if not dist.is_initialized():
+            if config.world_size == 1:
+                return cls.single(device, timeout_s)
+            raise CacheConfigError("ParallelGroups.build needs torch.distributed initialised; use init_parallel")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world != config.world_size:
+            raise CacheConfigError(
+                f"ParallelConfig.world_size is {config.world_size} but the process group has {world} ranks"
+            )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        groups = {
+            "sp": _new_groups("sp", config.sp_group_ranks(), rank, timeout),
+            "cfg": _new_groups("cfg", config.cfg_group_ranks(), rank, timeout),
+            "replica": _new_groups("replica", config.replica_group_ranks(), rank, timeout),
+        }
+        return cls(config=config, rank=rank, coords=config.coords(rank), device=torch.device(device), **groups)
+
+
+def _new_groups(
+    name: str, all_ranks: list[tuple[int, ...]], rank: int, timeout: datetime.timedelta
+) -> Group:
+    """Create every group of one mesh dimension (new_group is collective over the world, so every
+    rank creates all of them in the same order) and return the one containing ``rank``."""
+    mine: Group | None = None
+    for ranks in all_ranks:
+        pg = dist.new_group(list(ranks), timeout=timeout, group_desc=f"ditcache_{name}") if len(ranks) > 1 else None
+        if rank in ranks:
+            mine = Group(name=name, ranks=ranks, rank=ranks.index(rank), pg=pg, timeout=timeout)
+    assert mine is not None, f"rank {rank} is in no {name} group"  # the layout covers every rank
+    return mine
+
+
+def default_backend() -> str:
+    """``nccl`` when CUDA is available, else ``gloo``."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_parallel(
+    cfg_degree: int = 1,
+    sp_degree: int = 1,
+    *,
+    backend: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> ParallelGroups:
+    """Set up this rank from the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``/``MASTER_PORT``), or return a world-1 instance when started without it.
+
+    Initialises the default process group (``backend`` chosen automatically, ``timeout_s`` applies to
+    it and to every ditcache collective) unless one already exists.
+    """
+    config = ParallelConfig.from_env(cfg_degree, sp_degree)
+    backend = backend or (dist.get_backend() if dist.is_initialized() else default_backend())
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if config.world_size == 1 and not dist.is_initialized():
+        return ParallelGroups.single(device, timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return ParallelGroups.build(config, device=device, timeout_s=timeout_s)
+
+
+def destroy_parallel(groups: ParallelGroups) -> None:
+    """Tear down the process groups created for ``groups`` (no-op for a world-1 instance)."""
+    if groups.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
