@@ -280,6 +280,12 @@ def test_vae_model_dir_loads_and_generates_video(tmp_path, make_tiny_wan):
     assert type(pipe) is WanPipeline
     out = run(pipe, prompt="a cat", feature_cache=NoCache())
     assert out.frames.shape == (1, 3, 3, 8, 8)  # 2 latent frames -> 3 video frames, RGB
+    half = load_model_dir(tmp_path, dtype=torch.bfloat16).transformers["transformer"]
+    assert half.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    # Modules diffusers keeps in fp32 (time embedder, norms, modulation tables, rope) stay fp32.
+    assert half.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert half.scale_shift_table.dtype == half.rope.freqs_cos.dtype == torch.float32
+    assert torch.equal(half.scale_shift_table, loaded.transformers["transformer"].scale_shift_table)
     with pytest.raises(ParamsError, match="num_frames - 1 must be divisible by the VAE's temporal scale 2"):
         run(pipe, prompt="a cat", num_frames=4)
     with pytest.raises(ParamsError, match="height=6 is not divisible by 4"):

@@ -181,12 +181,10 @@ def load_diffusers_model(cls: type, folder: Path, dtype: torch.dtype) -> torch.n
             f"{folder}: the weights do not match config.json: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    model = model.to(dtype)
     keep_fp32 = set(getattr(cls, "_keep_in_fp32_modules", None) or [])
-    if keep_fp32 and dtype != torch.float32:
-        for name, module in model.named_modules():
-            if keep_fp32.intersection(name.split(".")):
-                module.float()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if keep_fp32.intersection(name.split(".")) else dtype)
     return model.eval()
 
 
