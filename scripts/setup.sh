@@ -9,7 +9,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.ditcache-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints-cpu.txt -nt "$stamp" ]; then
-  .venv/bin/pip install -q -c constraints-cpu.txt torch==2.13.0
-  .venv/bin/pip install -q -c constraints-cpu.txt -e ".[dev]"
+  log=.venv/pip-install.log
+  echo "setting up .venv (pinned CPU torch; log: $log)"
+  if ! { .venv/bin/pip install -c constraints-cpu.txt torch==2.13.0 \
+         && .venv/bin/pip install -c constraints-cpu.txt -e ".[dev]"; } >"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" | tail -40 >&2
+    echo "setup failed: see $log" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi

@@ -135,3 +135,48 @@ def test_schedule_rejects_bad_settings(kw, match):
 def test_schedule_rejects_curve_of_wrong_length():
     with pytest.raises(CacheConfigError, match="resample"):
         compute_skip_schedule([1.0] * 9, 10, 2, 0.1, 0.2)
+
+
+def _shifted_sigmas(n, shift):
+    s = [1 - i / n for i in range(n)]
+    return [shift * x / (1 + (shift - 1) * x) for x in s]
+
+
+def test_sigma_rule_is_identity_on_the_calibration_sigmas():
+    from ditcache.cache.schedule import resample_by_sigma
+
+    curve = load_params("Wan2.1-T2V-1.3B").cond_mag_ratios
+    sig = _shifted_sigmas(50, 5.0)
+    assert resample_by_sigma(curve, sig, sig) == pytest.approx(list(curve), abs=1e-12)
+
+
+def test_sigma_rule_multiplies_ratios_over_the_covered_interval():
+    from ditcache.cache.schedule import resample_by_sigma
+
+    curve = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    sig = [1.0, 0.8, 0.6, 0.4, 0.2, 0.1]
+    out = resample_by_sigma(curve, sig, [1.0, 0.6, 0.2])  # each run step spans two calibration steps
+    assert out == pytest.approx([1.0, 0.9 * 0.8, 0.7 * 0.6])
+
+
+def test_ada_taylor_resample_option():
+    from ditcache.cache import AdaTaylorCache
+
+    curve = [1.0] + [0.99 - 0.004 * i for i in range(49)]
+    sig = _shifted_sigmas(50, 3.0)
+    base = dict(K=4, thresh=0.12, retention_ratio=0.2)
+    params = dict(cond_mag_ratios=curve, uncond_mag_ratios=curve, **base)
+    plain = AdaTaylorCache(**params, num_inference_steps=20, sigmas=_shifted_sigmas(20, 5.0))
+    assert plain.resample_rule == "index"  # explicit params carry no calibration sigmas
+    from ditcache.params import params_from_dict
+
+    with_sigmas = params_from_dict({**params, "sigmas": sig})
+    by_sigma = AdaTaylorCache(params=with_sigmas, num_inference_steps=20, sigmas=_shifted_sigmas(20, 5.0))
+    by_index = AdaTaylorCache(params=with_sigmas, num_inference_steps=20, sigmas=_shifted_sigmas(20, 5.0), resample="index")
+    assert by_sigma.resample_rule == "sigma" and by_index.resample_rule == "index"
+    # bigger steps drift further per step: the sigma rule never plans fewer computes here
+    assert len(by_sigma.planned_compute_steps(True)) >= len(by_index.planned_compute_steps(True))
+    with pytest.raises(CacheConfigError, match="sigma"):
+        AdaTaylorCache(**params, num_inference_steps=20, resample="sigma")
+    with pytest.raises(CacheConfigError, match="20"):
+        AdaTaylorCache(params=with_sigmas, num_inference_steps=20, sigmas=sig)

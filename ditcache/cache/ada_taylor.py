@@ -23,7 +23,12 @@ from typing import Sequence
 import torch
 
 from ditcache.cache.base import BaseFeatureCache, BranchStats, branch_name
-from ditcache.cache.schedule import compute_skip_schedule, resample_nearest, validate_schedule_settings
+from ditcache.cache.schedule import (
+    compute_skip_schedule,
+    resample_by_sigma,
+    resample_nearest,
+    validate_schedule_settings,
+)
 from ditcache.errors import CacheConfigError, CacheStateError
 from ditcache.params import CacheParams, load_params, params_from_dict
 
@@ -54,6 +59,11 @@ class AdaTaylorCache(BaseFeatureCache):
             (Wan2.2's high-noise expert), so the step counter starts there, and that step always
             computes: no residual is carried across an expert switch.
         params_dir: user directory searched before the shipped params.
+        sigmas: the run's noise level at each step. With params that record their calibration
+            sigmas, the curves are mapped by noise level (``resample_by_sigma``), so a curve
+            measured at one step count and shift serves another.
+        resample: "auto" (sigma rule when both sides have sigmas, else index rule), "index" (the
+            anchors' nearest-index rule) or "sigma" (required; an error if sigmas are missing).
         params: an already loaded ``CacheParams``.
         cond_mag_ratios, uncond_mag_ratios, K, thresh, retention_ratio: explicit params, used
             instead of a params file (all five are needed).
@@ -68,6 +78,8 @@ class AdaTaylorCache(BaseFeatureCache):
         init_step: int = 0,
         params_dir: str | None = None,
         *,
+        sigmas: Sequence[float] | None = None,
+        resample: str = "auto",
         params: CacheParams | None = None,
         cond_mag_ratios: Sequence[float] | None = None,
         uncond_mag_ratios: Sequence[float] | None = None,
@@ -91,7 +103,13 @@ class AdaTaylorCache(BaseFeatureCache):
         validate_schedule_settings(
             num_inference_steps, self.params.K, self.params.thresh, self.params.retention_ratio, init_step
         )
-        self._ratios = {c: resample_nearest(self.params.curve(c), num_inference_steps) for c in (True, False)}
+        self.resample_rule = self._choose_resample_rule(resample, sigmas, num_inference_steps)
+        self._ratios = {
+            c: resample_by_sigma(self.params.curve(c), self.params.sigmas, sigmas)
+            if self.resample_rule == "sigma"
+            else resample_nearest(self.params.curve(c), num_inference_steps)
+            for c in (True, False)
+        }
         self._plans = {
             c: compute_skip_schedule(
                 self._ratios[c],
@@ -105,6 +123,21 @@ class AdaTaylorCache(BaseFeatureCache):
         }
         self._branches: dict[bool, _BranchState] = {}
         self.reset()
+
+    def _choose_resample_rule(self, rule: str, sigmas: Sequence[float] | None, num_steps: int) -> str:
+        if rule not in ("auto", "index", "sigma"):
+            raise CacheConfigError(f"resample must be 'auto', 'index' or 'sigma', got {rule!r}")
+        if sigmas is not None and len(sigmas) != num_steps:
+            raise CacheConfigError(
+                f"sigmas has {len(sigmas)} entries but the run has num_inference_steps={num_steps}"
+            )
+        available = sigmas is not None and self.params.sigmas is not None
+        if rule == "sigma" and not available:
+            missing = "the run's sigmas (sigmas=...)" if sigmas is None else f"calibration sigmas in {self.params.path or 'the params'}"
+            raise CacheConfigError(f"resample='sigma' needs {missing}; re-calibrate with a recent ditcache or use 'index'")
+        if rule == "auto":
+            return "sigma" if available else "index"
+        return rule
 
     @staticmethod
     def _resolve_params(model_type, params_dir, params, cond, uncond, K, thresh, retention) -> CacheParams:

@@ -89,3 +89,43 @@ def compute_skip_schedule(
         compute.append(step)
         acc_err, acc_steps, acc_ratio = 0.0, 0, 1.0
     return compute
+
+
+def resample_by_sigma(
+    curve: Sequence[float], calibration_sigmas: Sequence[float], run_sigmas: Sequence[float]
+) -> list[float]:
+    """Map a curve onto a run's own noise levels instead of its step indices.
+
+    ``curve[i]`` is the ratio of step i to step i-1 of the calibration run, whose step i was at
+    noise level ``calibration_sigmas[i]``. The cumulative log-magnitude ``L(sigma) = sum log gamma``
+    is a property of the model at each noise level, not of the step count or shift, so it is
+    interpolated (piecewise linear in sigma, extended with the edge slopes) at the run's sigmas and
+    each run step gets ``exp(L(sigma_k) - L(sigma_{k-1}))``: the product of the calibrated ratios
+    over the sigma interval that step covers. A curve measured at 50 steps / shift 3 thus serves
+    20 steps / shift 5 by what the model does at those noise levels.
+    """
+    n_cal = len(curve)
+    if len(calibration_sigmas) != n_cal:
+        raise CacheConfigError(
+            f"the curve has {n_cal} entries but {len(calibration_sigmas)} calibration sigmas; they must match"
+        )
+    if not run_sigmas:
+        raise CacheConfigError("run_sigmas is empty: pass the sigma of every step of the run")
+    sig = np.asarray(calibration_sigmas, dtype=np.float64)
+    cum = np.cumsum(np.log(np.asarray(curve, dtype=np.float64)))
+    cum -= cum[0]
+    if n_cal == 1:
+        return [1.0] * len(run_sigmas)
+    order = np.argsort(sig)  # sigmas fall during a run; np.interp wants them rising
+    sig, cum = sig[order], cum[order]
+    if np.any(np.diff(sig) <= 0):
+        raise CacheConfigError("calibration sigmas must be strictly monotonic")
+    run = np.asarray(run_sigmas, dtype=np.float64)
+    level = np.interp(run, sig, cum)
+    lo_slope = (cum[1] - cum[0]) / (sig[1] - sig[0])
+    hi_slope = (cum[-1] - cum[-2]) / (sig[-1] - sig[-2])
+    level = np.where(run < sig[0], cum[0] + (run - sig[0]) * lo_slope, level)
+    level = np.where(run > sig[-1], cum[-1] + (run - sig[-1]) * hi_slope, level)
+    ratios = np.ones(len(run))
+    ratios[1:] = np.exp(np.diff(level))
+    return [float(r) for r in ratios]

@@ -44,6 +44,7 @@ class CacheParams:
     num_inference_steps: int
     sigma_shift: float | None = None
     default_steps: int | None = None
+    sigmas: tuple[float, ...] | None = None  # noise level of each calibrated step, when recorded
     provenance: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
 
@@ -135,6 +136,19 @@ def _check_curve(values: Any, key: str, source: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _check_sigmas(values: Any, n: int, source: str) -> tuple[float, ...]:
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        raise ParamsError(f"{source}: 'sigmas' must list one noise level per calibrated step ({n} entries)")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ParamsError(f"{source}: 'sigmas'[{i}] is {v!r}; noise levels must be finite and >= 0")
+        out.append(float(v))
+    if any(b >= a for a, b in zip(out, out[1:])):
+        raise ParamsError(f"{source}: 'sigmas' must fall strictly from step to step")
+    return tuple(out)
+
+
 def params_from_dict(data: Any, source: str = "<params>", default_model_type: str = "custom") -> CacheParams:
     """Validate a params mapping; every error names ``source`` and the offending key."""
     if not isinstance(data, dict):
@@ -170,6 +184,9 @@ def params_from_dict(data: Any, source: str = "<params>", default_model_type: st
     default_steps = data.get("default_steps")
     if default_steps is not None and (not isinstance(default_steps, int) or default_steps < 1):
         raise ParamsError(f"{source}: 'default_steps' must be an integer >= 1 or null, got {default_steps!r}")
+    sigmas = data.get("sigmas")
+    if sigmas is not None:
+        sigmas = _check_sigmas(sigmas, len(cond), source)
     model_type = data.get("model_type") or data.get("model_name") or default_model_type
     return CacheParams(
         model_type=str(model_type),
@@ -181,6 +198,7 @@ def params_from_dict(data: Any, source: str = "<params>", default_model_type: st
         num_inference_steps=len(cond),
         sigma_shift=None if shift is None else float(shift),
         default_steps=default_steps,
+        sigmas=sigmas,
         provenance=dict(data.get("provenance") or {}),
         path=None if source.startswith("<") else source,
     )
