@@ -1,14 +1,19 @@
-"""QwenImageAdapter reproduces QwenImageTransformer2DModel's forward: T2I and Edit-Plus shapes."""
+"""QwenImageAdapter reproduces the diffusers forward (T2I, Edit-Plus shapes); the pipeline caches right."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from diffusers import QwenImageTransformer2DModel
+from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
+from ditcache.cache.ada_taylor import AdaTaylorCache
 from ditcache.cache.base import NoCache
 from ditcache.runtime.adapters import adapter_for
 from ditcache.runtime.adapters.qwen_image import QwenImageAdapter
+from ditcache.runtime.qwen_pipeline import DynamicShift, QwenImagePipeline, QwenPromptEmbeds
+from ditcache.runtime.scheduler import flow_match_schedule
 
 TEXT_DIM = 16
 
@@ -90,3 +95,112 @@ def test_mask_of_wrong_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="encoder_hidden_states_mask"):
         adapter(torch.randn(1, 12, 16), torch.tensor([0.5]), text, encoder_hidden_states_mask=mask[:, :3],
                 img_shapes=[[(1, 3, 4)]])
+
+
+# -- the pipeline ------------------------------------------------------------------------------
+
+STEPS = 8
+
+
+def embeds(seed: int, length: int) -> QwenPromptEmbeds:
+    """Random conditioning; the branches get different text lengths so a hook can tell them apart."""
+    return QwenPromptEmbeds(torch.randn(1, length, TEXT_DIM, generator=torch.Generator().manual_seed(seed)))
+
+
+def skipping_cache(thresh: float = 0.3) -> AdaTaylorCache:
+    # cond's flat curve lets K=2 skips run back to back; uncond's drifting one skips less.
+    return AdaTaylorCache(
+        cond_mag_ratios=[1.0] * STEPS,
+        uncond_mag_ratios=[1.0] + [1.1] * (STEPS - 1),
+        K=2,
+        thresh=thresh,
+        retention_ratio=0.2,
+        num_inference_steps=STEPS,
+        n_derivatives=1,
+    )
+
+
+def count_block_passes(model, lengths: dict[int, str]):
+    """Count first-block calls per branch, telling the branch by the text length it gets."""
+    counts = {name: 0 for name in lengths.values()}
+
+    def hook(module, args, kwargs):
+        counts[lengths[kwargs["encoder_hidden_states"].shape[1]]] += 1
+
+    return counts, model.transformer_blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def run(pipe: QwenImagePipeline, **kwargs):
+    base = dict(
+        prompt_embeds=embeds(1, 5),
+        negative_prompt_embeds=embeds(2, 3),
+        num_inference_steps=STEPS,
+        height=48,
+        width=64,
+        output_type="latent",
+        progress=False,
+    )
+    return pipe(**{**base, **kwargs})
+
+
+REFERENCES = [torch.randn(1, 4, 1, 4, 6), torch.randn(1, 4, 1, 4, 4)]
+
+
+@pytest.mark.parametrize("references", [None, REFERENCES], ids=["t2i", "edit_plus"])
+def test_pipeline_runs_the_stack_exactly_on_planned_steps(references):
+    model = tiny_qwen()
+    cache = skipping_cache()
+    counts, handle = count_block_passes(model, {5: "cond", 3: "uncond"})
+    out = run(QwenImagePipeline(model), feature_cache=cache, reference_latents=references)
+    handle.remove()
+    planned = {"cond": cache.planned_compute_steps(True), "uncond": cache.planned_compute_steps(False)}
+    assert all(len(steps) < STEPS for steps in planned.values()), planned
+    assert counts == {name: len(steps) for name, steps in planned.items()}
+    assert out.stack_passes["transformer"] == counts
+    # Only the noisy latents come back, whatever the references add to the sequence.
+    assert out.frames.shape == (1, 4, 1, 6, 8) and torch.isfinite(out.frames).all()
+
+
+@pytest.mark.parametrize("references", [None, REFERENCES], ids=["t2i", "edit_plus"])
+def test_pipeline_cache_that_computes_every_step_equals_uncached_output(references):
+    pipe = QwenImagePipeline(tiny_qwen())
+    uncached = run(pipe, enable_ada_taylor_cache=False, reference_latents=references)
+    cached = run(pipe, feature_cache=skipping_cache(thresh=0.0), reference_latents=references)
+    assert cached.stack_passes["transformer"] == {"cond": STEPS, "uncond": STEPS}
+    assert torch.equal(cached.frames, uncached.frames)
+    skipped = run(pipe, feature_cache=skipping_cache(), reference_latents=references)
+    assert not torch.equal(skipped.frames, uncached.frames)
+
+
+def test_guidance_off_runs_no_unconditional_branch():
+    model = tiny_qwen()
+    counts, handle = count_block_passes(model, {5: "cond", 3: "uncond"})
+    out = run(QwenImagePipeline(model), feature_cache=skipping_cache(), guidance_scale=1.0)
+    handle.remove()
+    assert counts["uncond"] == 0 and out.branch_steps == {"cond": STEPS}
+    assert counts["cond"] == out.stack_passes["transformer"]["cond"] < STEPS
+
+
+def test_pipeline_decodes_images_with_a_vae():
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.1] * 4, latents_std=[1.5] * 4
+    ).eval()
+    pipe = QwenImagePipeline(tiny_qwen(), vae=vae)
+    out = run(pipe, output_type="frames", num_inference_steps=2, enable_ada_taylor_cache=False)
+    assert out.frames.shape == (1, 3, 1, 48, 64)
+    assert out.frames.min() >= 0 and out.frames.max() <= 1
+
+
+def test_dynamic_shift_matches_qwen_image_scheduler():
+    """exp(mu) as a static shift reproduces diffusers' exponential dynamic shifting at every step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    seq_len = 1024
+    shift = DynamicShift()(seq_len)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    mu = math.log(shift)
+    base = [1.0 - i / STEPS for i in range(STEPS)]
+    scheduler.set_timesteps(sigmas=base, mu=mu)
+    ours = flow_match_schedule(STEPS, shift).sigmas
+    assert torch.allclose(ours, scheduler.sigmas.float(), atol=1e-6)

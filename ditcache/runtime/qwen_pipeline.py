@@ -1,0 +1,481 @@
+"""Qwen-Image text-to-image and Qwen-Image-Edit-Plus with a feature cache around the block stack.
+
+Per step the conditional and unconditional branches are separate adapter calls (the cache keeps
+per-branch state); ``guidance_scale <= 1`` runs no unconditional pass. Guidance is Qwen-Image's
+norm-preserving CFG: the combined prediction is rescaled, per token, to the conditional one's norm.
+
+Edit-Plus appends the reference images' packed latents to the noisy latents along the sequence; the
+block stack and the cache see the whole sequence, and only the noisy part of the prediction is used.
+
+Sampling is ditcache's flow-matching Euler grid (``sigma_i = 1 - i/N``, shifted). Qwen-Image's
+scheduler shifts "dynamically" by the image's token count: ``exp(mu)`` with ``mu`` linear in the
+count, which is the same map as a static shift of ``exp(mu)``; ``sigma_shift=None`` computes it.
+
+The prompt encoder (Qwen2.5-VL 7B) is large: requests can bring :class:`QwenPromptEmbeds`;
+:class:`QwenPromptEncoder` loads the real one from a local model directory when it is there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ditcache.cache.base import BaseFeatureCache, NoCache
+from ditcache.errors import ParamsError
+from ditcache.runtime.adapters.qwen_image import QwenImageAdapter
+from ditcache.runtime.loading import check_part, part_spec, read_model_index
+from ditcache.runtime.pipeline import GenerationOutput, WanPipeline, _as_prompt_list
+from ditcache.runtime.scheduler import FlowMatchSchedule, flow_match_schedule
+
+EXPERT = "transformer"
+
+T2I_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a "
+    "new image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+# Tokens of the system part of each template, dropped from the embeddings (as diffusers does).
+T2I_TEMPLATE_DROP, EDIT_TEMPLATE_DROP = 34, 64
+EDIT_IMAGE_SLOT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+# Edit-Plus sizes: reference images reach the VAE at ~1024^2 pixels and the prompt encoder at ~384^2.
+VAE_IMAGE_AREA, CONDITION_IMAGE_AREA = 1024 * 1024, 384 * 384
+
+
+@dataclass
+class QwenPromptEmbeds:
+    """One branch's text conditioning: tokens ``[B, L, D]`` and their mask ``[B, L]`` (None = all valid)."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask is not None and self.mask.shape != self.embeds.shape[:2]:
+            raise ParamsError(
+                f"QwenPromptEmbeds: mask {tuple(self.mask.shape)} does not match embeds {tuple(self.embeds.shape)}"
+            )
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "QwenPromptEmbeds":
+        return QwenPromptEmbeds(self.embeds.to(device, dtype), None if self.mask is None else self.mask.to(device))
+
+
+def image_size_for_area(area: int, aspect: float) -> tuple[int, int]:
+    """(width, height) with about ``area`` pixels at ``aspect`` = width / height, multiples of 32."""
+    width = math.sqrt(area * aspect)
+    return round(width / 32) * 32, round(width / aspect / 32) * 32
+
+
+class QwenPromptEncoder(torch.nn.Module):
+    """Qwen2.5-VL's last hidden layer, encoding as diffusers' Qwen-Image (and Edit-Plus) pipelines do."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, processor: Any = None, max_length: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> "QwenPromptEncoder":
+        """Load ``text_encoder``/``tokenizer`` (and ``processor`` for Edit-Plus if present); never downloads."""
+        from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+        root = Path(model_dir)
+        local = {"local_files_only": True}
+        processor = None
+        if (root / "processor").is_dir():
+            processor = AutoProcessor.from_pretrained(str(root / "processor"), **local)
+        return cls(
+            Qwen2_5_VLForConditionalGeneration.from_pretrained(str(root / "text_encoder"), dtype=dtype, **local).eval(),
+            AutoTokenizer.from_pretrained(str(root / "tokenizer"), **local),
+            processor,
+        )
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], images: Sequence[Any] | None = None) -> QwenPromptEmbeds:
+        """Embed ``prompts``; with ``images`` (PIL, condition size) use the Edit-Plus template and vision input."""
+        device = next(self.model.parameters()).device
+        if images:
+            if self.processor is None:
+                raise ParamsError("encoding a prompt with reference images needs the processor/ folder (Edit-Plus)")
+            slots = "".join(EDIT_IMAGE_SLOT.format(i + 1) for i in range(len(images)))
+            inputs = self.processor(
+                text=[EDIT_TEMPLATE.format(slots + p) for p in prompts],
+                images=list(images),
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            drop = EDIT_TEMPLATE_DROP
+        else:
+            inputs = self.tokenizer(
+                [T2I_TEMPLATE.format(p) for p in prompts],
+                max_length=self.max_length + T2I_TEMPLATE_DROP,
+                padding=True,
+                truncation=True,
+                return_tensors="pt",
+            ).to(device)
+            drop = T2I_TEMPLATE_DROP
+        hidden = self.model(**inputs, output_hidden_states=True).hidden_states[-1]
+        # Keep each prompt's valid tokens after the template's system part, then right-pad again.
+        rows = [h[m.bool()][drop:][: self.max_length] for h, m in zip(hidden, inputs["attention_mask"])]
+        length = max(r.shape[0] for r in rows)
+        embeds = hidden.new_zeros(len(rows), length, hidden.shape[-1])
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            embeds[i, : row.shape[0]] = row
+            mask[i, : row.shape[0]] = 1
+        return QwenPromptEmbeds(embeds, None if bool(mask.all()) else mask)
+
+
+@dataclass(frozen=True)
+class DynamicShift:
+    """Qwen-Image's resolution-dependent shift: ``exp(mu)``, ``mu`` linear in the image token count."""
+
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+    def __call__(self, image_seq_len: int) -> float:
+        slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        return math.exp(self.base_shift + slope * (image_seq_len - self.base_seq_len))
+
+
+class QwenImagePipeline:
+    """Qwen-Image T2I, and Edit-Plus when reference images are given, with a feature cache.
+
+    ``vae`` (AutoencoderKLQwenImage) decodes images and encodes reference images; without one,
+    requests return latents (``output_type="latent"``) and Edit-Plus takes ``reference_latents``.
+    """
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        vae: torch.nn.Module | None = None,
+        prompt_encoder: QwenPromptEncoder | None = None,
+        *,
+        dynamic_shift: DynamicShift = DynamicShift(),
+    ) -> None:
+        self.adapter = QwenImageAdapter(transformer)
+        self.adapters = {EXPERT: self.adapter}
+        self.vae = vae
+        self.prompt_encoder = prompt_encoder
+        self.dynamic_shift = dynamic_shift
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+    ) -> "QwenImagePipeline":
+        """Load a local diffusers-format Qwen-Image (or Edit-Plus) directory; the encoder only if present."""
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+        root = Path(model_dir)
+        index = read_model_index(root)
+        local = {"local_files_only": True}
+        transformer = QwenImageTransformer2DModel.from_pretrained(
+            str(check_part(root, "transformer")), torch_dtype=dtype, **local
+        )
+        vae = None
+        if part_spec(index, "vae") is not None:
+            vae = AutoencoderKLQwenImage.from_pretrained(
+                str(check_part(root, "vae")), torch_dtype=torch.float32, **local
+            ).to(device)
+        encoder = None
+        if part_spec(index, "text_encoder") is not None:
+            encoder = QwenPromptEncoder.from_pretrained(root, dtype=dtype).to(device)
+        shift = DynamicShift()
+        if part_spec(index, "scheduler") is not None:
+            config = json.loads((check_part(root, "scheduler") / "scheduler_config.json").read_text())
+            shift = DynamicShift(
+                config.get("base_image_seq_len", shift.base_seq_len),
+                config.get("max_image_seq_len", shift.max_seq_len),
+                config.get("base_shift", shift.base_shift),
+                config.get("max_shift", shift.max_shift),
+            )
+        return cls(transformer.eval().to(device), vae, encoder, dynamic_shift=shift)
+
+    # -- geometry and latents ----------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (Qwen-Image's VAE: 8); packing adds the patch size on top."""
+        return 8 if self.vae is None else 2 ** len(self.vae.temperal_downsample)
+
+    def _pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` -> ``[B, (h/p)(w/p), C*p*p]`` tokens, patch-major as the model expects."""
+        b, c, h, w = latents.shape
+        p = self.adapter.patch_size[0]
+        x = latents.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def _unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Inverse of :meth:`_pack`, with the VAE's frame axis: ``[B, C, 1, h, w]``."""
+        b, _, cpp = tokens.shape
+        p = self.adapter.patch_size[0]
+        x = tokens.view(b, h // p, w // p, cpp // (p * p), p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, cpp // (p * p), 1, h, w)
+
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+        multiple = self.vae_scale_factor * self.adapter.patch_size[0]
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % multiple:
+                raise ParamsError(f"{name} must be a positive multiple of {multiple} (VAE scale x patch), got {value!r}")
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.vae.config
+        view = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean, device=device).view(view)
+        std = torch.tensor(config.latents_std, device=device).view(view)
+        return mean, std
+
+    def _encode_references(self, images: Sequence[Any]) -> tuple[list[Any], list[torch.Tensor]]:
+        """PIL reference images -> (condition-size images for the prompt encoder, normalised latents)."""
+        if self.vae is None:
+            raise ParamsError("encoding reference_images needs a vae; pass reference_latents instead")
+        from diffusers.image_processor import VaeImageProcessor
+
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        condition_images, latents = [], []
+        for image in images:
+            aspect = image.size[0] / image.size[1]
+            width, height = image_size_for_area(CONDITION_IMAGE_AREA, aspect)
+            condition_images.append(processor.resize(image, height, width))
+            width, height = image_size_for_area(VAE_IMAGE_AREA, aspect)
+            pixels = processor.preprocess(image, height, width).unsqueeze(2)
+            dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+            mean, std = self._normalisation(self.vae.device)
+            latents.append((dist.mode().float() - mean) / std)
+        return condition_images, latents
+
+    @staticmethod
+    def _check_references(latents: Sequence[torch.Tensor], batch: int) -> list[torch.Tensor]:
+        """Each reference as ``[B, C, h, w]``, broadcast over the batch."""
+        out = []
+        for ref in latents:
+            ref = ref[:, :, 0] if ref.ndim == 5 else ref
+            if ref.ndim != 4 or ref.shape[0] not in (1, batch):
+                raise ParamsError(
+                    f"reference_latents entries must be [B or 1, C, (1,) h, w] for {batch} prompts, got "
+                    f"{tuple(ref.shape)}"
+                )
+            out.append(ref.float().expand(batch, -1, -1, -1))
+        return out
+
+    def _conditioning(
+        self, prompt: str | list[str] | None, embeds: QwenPromptEmbeds | None, what: str, images: list[Any]
+    ) -> QwenPromptEmbeds:
+        model = self.adapter.transformer
+        if embeds is None:
+            if prompt is None:
+                raise ParamsError(f"pass {what} (a string or list) or {what}_embeds (QwenPromptEmbeds)")
+            if self.prompt_encoder is None:
+                raise ParamsError(
+                    f"this pipeline has no prompt encoder (no text_encoder/ in the model directory): pass "
+                    f"{what}_embeds=QwenPromptEmbeds(...) instead of {what}"
+                )
+            embeds = self.prompt_encoder.encode(_as_prompt_list(prompt, what), images)
+        return embeds.to(model.device, model.dtype)
+
+    def _resolve_cache(
+        self,
+        feature_cache: BaseFeatureCache | None,
+        enable_ada_taylor_cache: bool,
+        model_type: str,
+        num_steps: int,
+        n_derivatives: int,
+        taylor_threshold: int,
+    ) -> tuple[BaseFeatureCache, bool]:
+        """The request's cache and whether it is the params-driven AdaTaylorCache."""
+        if feature_cache is not None:
+            if not isinstance(feature_cache, BaseFeatureCache):
+                raise ParamsError(f"feature_cache must be a BaseFeatureCache, got {type(feature_cache).__name__}")
+            return feature_cache, False
+        if not enable_ada_taylor_cache:
+            return NoCache(), False
+        from ditcache.cache.factory import create_feature_cache
+
+        cache = create_feature_cache(
+            "ada_taylor",
+            model_type=model_type,
+            num_inference_steps=num_steps,
+            n_derivatives=n_derivatives,
+            taylor_threshold=taylor_threshold,
+        )
+        return cache, True
+
+    # -- the request -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        sigma_shift: float | None = None,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        enable_ada_taylor_cache: bool = True,
+        ada_taylor_n_derivatives: int = 1,
+        ada_taylor_taylor_threshold: int = 2,
+        model_type: str | None = None,
+        feature_cache: BaseFeatureCache | None = None,
+        *,
+        prompt_embeds: QwenPromptEmbeds | None = None,
+        negative_prompt_embeds: QwenPromptEmbeds | None = None,
+        reference_images: Sequence[Any] | None = None,
+        reference_latents: Sequence[torch.Tensor] | None = None,
+        output_type: Literal["frames", "latent"] = "frames",
+        progress: bool = True,
+    ) -> GenerationOutput:
+        """Generate one image per prompt (Edit-Plus: edit the reference images as the prompt says).
+
+        ``guidance_scale <= 1`` runs no unconditional pass; otherwise the negative prompt defaults
+        to " ". ``sigma_shift=None`` uses the resolution-dependent shift. ``height``/``width``
+        default to ~1024^2 at the last reference image's aspect (Edit-Plus) or 1024 x 1024. The cache
+        is ``feature_cache`` if given, else an AdaTaylorCache from ``model_type``'s params (default
+        Qwen-Image / Qwen-Image-Edit-Plus) when ``enable_ada_taylor_cache``, else none; it is reset
+        first. ``frames`` is ``[B, 3, 1, H, W]`` in [0, 1], or with ``output_type="latent"`` the
+        latents ``[B, C, 1, h, w]``.
+        """
+        start = time.perf_counter()
+        if output_type not in ("frames", "latent"):
+            raise ParamsError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
+        if output_type == "frames" and self.vae is None:
+            raise ParamsError("decoding images needs a vae; pass output_type='latent' or build the pipeline with one")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ParamsError(f"seed must be an integer, got {seed!r}")
+        if reference_images and reference_latents:
+            raise ParamsError("pass reference_images or reference_latents, not both")
+        condition_images: list[Any] = []
+        if reference_images:
+            condition_images, reference_latents = self._encode_references(reference_images)
+            if height is None and width is None:
+                last = reference_images[-1]
+                width, height = image_size_for_area(VAE_IMAGE_AREA, last.size[0] / last.size[1])
+                multiple = self.vae_scale_factor * self.adapter.patch_size[0]
+                width, height = width // multiple * multiple, height // multiple * multiple
+        cond = self._conditioning(prompt, prompt_embeds, "prompt", condition_images)
+        batch = cond.embeds.shape[0]
+        do_cfg = guidance_scale > 1.0
+        uncond = None
+        if do_cfg:
+            if negative_prompt is None and negative_prompt_embeds is None:
+                negative_prompt = [" "] * batch
+            uncond = self._conditioning(negative_prompt, negative_prompt_embeds, "negative_prompt", condition_images)
+            if uncond.embeds.shape[0] != batch:
+                raise ParamsError(f"{uncond.embeds.shape[0]} negative conditionings for {batch} prompts")
+
+        model = self.adapter.transformer
+        device, dtype = model.device, model.dtype
+        h, w = self._latent_size(1024 if height is None else height, 1024 if width is None else width)
+        references = self._check_references(reference_latents or [], batch)
+        p = self.adapter.patch_size[0]
+        shapes = [(1, h // p, w // p)] + [(1, r.shape[2] // p, r.shape[3] // p) for r in references]
+        img_shapes = [shapes] * batch
+        reference_tokens = [self._pack(r).to(device) for r in references]
+
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = self._pack(torch.randn((batch, model.config.in_channels // (p * p), h, w), generator=generator))
+        latents = latents.to(device)
+        n_noisy = latents.shape[1]
+        shift = self.dynamic_shift(n_noisy) if sigma_shift is None else sigma_shift
+        schedule = flow_match_schedule(num_inference_steps, shift)
+        cache, params_cache = self._resolve_cache(
+            feature_cache,
+            enable_ada_taylor_cache,
+            model_type or ("Qwen-Image-Edit-Plus" if references else "Qwen-Image"),
+            schedule.num_steps,
+            ada_taylor_n_derivatives,
+            ada_taylor_taylor_threshold,
+        )
+        cache.reset()
+        self.adapter.reset_counters()
+
+        for step in tqdm(range(schedule.num_steps), desc="denoising", disable=not progress):
+            # The model takes sigma, not sigma * 1000.
+            sigma = schedule.sigmas[step].to(device).expand(batch)
+            model_input = torch.cat([latents, *reference_tokens], dim=1).to(dtype)
+            velocity = self._predict(model_input, sigma, cond, img_shapes, True, cache, step)[:, :n_noisy]
+            if uncond is not None:
+                negative = self._predict(model_input, sigma, uncond, img_shapes, False, cache, step)[:, :n_noisy]
+                combined = negative + guidance_scale * (velocity - negative)
+                # Qwen-Image's guidance keeps each token's prediction at the conditional norm.
+                velocity = combined * (velocity.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+            latents = schedule.step(latents, velocity, step)
+
+        result = self._unpack(latents, h, w)
+        if output_type == "frames":
+            result = self._decode(result)
+        return self._report(result, cache, schedule, do_cfg, params_cache, time.perf_counter() - start)
+
+    def _predict(
+        self,
+        model_input: torch.Tensor,
+        sigma: torch.Tensor,
+        text: QwenPromptEmbeds,
+        img_shapes: list[list[tuple[int, int, int]]],
+        is_cond: bool,
+        cache: BaseFeatureCache,
+        step: int,
+    ) -> torch.Tensor:
+        velocity = self.adapter(
+            model_input,
+            sigma,
+            text.embeds,
+            encoder_hidden_states_mask=text.mask,
+            img_shapes=img_shapes,
+            is_cond=is_cond,
+            cache=cache,
+        )
+        WanPipeline._check_step(cache, EXPERT, is_cond, step)
+        return velocity.float()
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``[B, C, 1, h, w]`` -> images ``[B, 3, 1, H, W]`` in [0, 1]."""
+        mean, std = self._normalisation(latents.device)
+        image = self.vae.decode((latents * std + mean).to(self.vae.device, self.vae.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def _report(
+        self,
+        result: torch.Tensor,
+        cache: BaseFeatureCache,
+        schedule: FlowMatchSchedule,
+        do_cfg: bool,
+        params_cache: bool,
+        wall: float,
+    ) -> GenerationOutput:
+        steps = schedule.num_steps
+        output = GenerationOutput(
+            frames=result,
+            cache_stats={EXPERT: cache.stats()},
+            stack_passes={EXPERT: dict(self.adapter.stack_passes)},
+            branch_steps={name: steps for name in (["cond", "uncond"] if do_cfg else ["cond"])},
+            expert_steps={EXPERT: list(range(steps))},
+            cache_memory_bytes={EXPERT: cache.memory_bytes()},
+            sigmas=schedule.sigmas.tolist(),
+            timesteps=schedule.timesteps.tolist(),
+            wall_time_s=wall,
+        )
+        if params_cache and output.total_stack_passes() == output.branch_steps:
+            warnings.warn(
+                f"AdaTaylorCache is enabled but skipped no step at {steps} steps: check the params or raise thresh",
+                stacklevel=3,
+            )
+        return output
