@@ -7,6 +7,7 @@ fixed-schedule cache (residual reuse on a given step list) that implements the c
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 
 import pytest
@@ -313,3 +314,39 @@ def test_missing_or_unknown_model_dir_parts(tmp_path, make_tiny_wan):
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UnknownModelError, match="diffusers.NoSuchTransformer"):
         load_model_dir(tmp_path)
+
+
+def _generate_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "launch" / "generate.py"
+    spec = importlib.util.spec_from_file_location("ditcache_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_cli_writes_output_and_reports_errors(tmp_path, make_tiny_wan, capsys):
+    generate = _generate_module()
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    _write_model_dir(model_dir, make_tiny_wan)
+    common = ["--model", "wan", "--model-dir", str(model_dir), "--steps", "2", "--no-progress"]
+    out = tmp_path / "cat.mp4"
+    assert generate.main([*common, "--prompt", "a cat", "--prompt", "a dog", "--cache", "none", "--output", str(out)]) == 0
+    assert out.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "cond: 2 computed / 0 skipped" in printed and f"wrote {out}" in printed
+
+    png = tmp_path / "still.png"
+    assert generate.main([*common, "--prompt", "a cat", "--num-frames", "1", "--cache", "none", "--output", str(png)]) == 0
+    assert png.stat().st_size > 0
+
+    assert generate.main(["--model", "sd15", "--prompt", "x"]) == 2
+    assert "unknown --model 'sd15'" in capsys.readouterr().err
+    assert generate.main([*common, "--prompt", "a cat"]) == 2  # cache on, but no params model_type
+    assert "needs model_type" in capsys.readouterr().err
+    assert generate.main(["--model", "wan", "--prompt", "x", "--model-dir", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -126,6 +126,12 @@ class WanPipeline:
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel) -> "WanPipeline":
+        extra = sorted(set(loaded.transformers) - set(cls.expert_names))
+        if extra:
+            raise ParamsError(
+                f"{loaded.path} has the experts {extra} that {cls.__name__} would ignore; "
+                "use Wan22Pipeline (or load_pipeline, which picks the class)"
+            )
         return cls(loaded.transformers, loaded.text_encoder, loaded.settings, loaded.vae)
 
     @classmethod
@@ -446,3 +452,10 @@ def pipeline_for(loaded: LoadedModel) -> WanPipeline:
     """The pipeline class a loaded directory calls for: two experts -> Wan22Pipeline."""
     cls = Wan22Pipeline if LOW_NOISE in loaded.transformers else WanPipeline
     return cls.from_loaded(loaded)
+
+
+def load_pipeline(
+    model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> WanPipeline:
+    """Load a Wan-family directory and build the pipeline it calls for."""
+    return pipeline_for(load_model_dir(model_dir, device=device, dtype=dtype))
