@@ -178,16 +178,43 @@ def test_wan22_low_noise_cache_forces_compute_at_the_switch(pipe22):
         assert out.stack_passes["transformer_2"][name] == len(caches["transformer_2"].planned_compute_steps(is_cond))
 
 
-def test_wan22_enable_ada_taylor_builds_one_cache_per_expert(pipe22, tmp_path):
-    params = ada_taylor().params
-    data = {k: getattr(params, k) for k in ("K", "thresh", "retention_ratio", "cond_mag_ratios", "uncond_mag_ratios")}
-    data.update(model_type="Tiny-Test", num_inference_steps=STEPS, sigma_shift=1.0)
-    (tmp_path / "Tiny-Test.json").write_text(json.dumps(data))
-    import ditcache.params.loader as loader
+@pytest.fixture
+def tiny_params(tmp_path, monkeypatch):
+    """A user params file "Tiny-Test" (the ada_taylor() curves, calibrated at 2N steps with sigmas)."""
+    from ditcache.params.loader import PARAMS_DIR_ENV
+    from ditcache.runtime.scheduler import flow_match_schedule
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(loader.PARAMS_DIR_ENV, str(tmp_path))
-        out = run(pipe22, enable_ada_taylor_cache=True, model_type="Tiny-Test")
+    cal = 2 * STEPS
+    data = {
+        "model_type": "Tiny-Test",
+        "K": 3,
+        "thresh": 0.15,
+        "retention_ratio": 0.2,
+        "cond_mag_ratios": [1.0] + [0.98] * (cal - 1),
+        "uncond_mag_ratios": [1.0] + [0.96] * (cal - 1),
+        "num_inference_steps": cal,
+        "sigma_shift": 1.0,
+        "sigmas": flow_match_schedule(cal, 1.0).sigmas[:-1].tolist(),
+    }
+    (tmp_path / "Tiny-Test.json").write_text(json.dumps(data))
+    monkeypatch.setenv(PARAMS_DIR_ENV, str(tmp_path))
+    return "Tiny-Test"
+
+
+def test_enable_ada_taylor_resamples_the_curve_by_the_runs_sigmas(pipe, tiny_params):
+    from ditcache.runtime.scheduler import flow_match_schedule
+
+    out = run(pipe, enable_ada_taylor_cache=True, model_type=tiny_params, sigma_shift=2.0)
+    expected = AdaTaylorCache(
+        model_type=tiny_params, num_inference_steps=STEPS, sigmas=flow_match_schedule(STEPS, 2.0).sigmas[:-1].tolist()
+    )
+    assert expected.resample_rule == "sigma"
+    for is_cond, name in ((True, "cond"), (False, "uncond")):
+        assert out.cache_stats["transformer"][name]["computed_steps"] == expected.planned_compute_steps(is_cond)
+
+
+def test_wan22_enable_ada_taylor_builds_one_cache_per_expert(pipe22, tiny_params):
+    out = run(pipe22, enable_ada_taylor_cache=True, model_type=tiny_params)
     assert out.cache_stats["transformer_2"]["cond"]["computed_steps"][0] == SWITCH
     assert sum(out.total_stack_passes().values()) < 2 * STEPS
 

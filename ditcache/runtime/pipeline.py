@@ -185,12 +185,13 @@ class WanPipeline:
     def _build_caches(
         self,
         experts: list[str],
-        num_steps: int,
+        schedule: FlowMatchSchedule,
         feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache] | None,
         calibrator: BaseFeatureCache | None,
         ada_taylor: dict[str, Any] | None,
     ) -> dict[str, BaseFeatureCache | None]:
         """One cache per expert that runs; see ``__call__`` for the precedence of the arguments."""
+        num_steps = schedule.num_steps
         used = list(dict.fromkeys(experts))
         first_step = {name: experts.index(name) for name in used}
         if calibrator is not None:
@@ -211,9 +212,11 @@ class WanPipeline:
             return {name: no_cache for name in used}
         from ditcache.cache.factory import create_feature_cache
 
+        # The run's sigmas let the cache resample a curve by noise level rather than by step index.
+        sigmas = schedule.sigmas[:-1].tolist()
         return {
             name: create_feature_cache(
-                "ada_taylor", num_inference_steps=num_steps, init_step=first_step[name], **ada_taylor
+                "ada_taylor", num_inference_steps=num_steps, init_step=first_step[name], sigmas=sigmas, **ada_taylor
             )
             for name in used
         }
@@ -311,9 +314,7 @@ class WanPipeline:
                 n_derivatives=ada_taylor_n_derivatives,
                 taylor_threshold=ada_taylor_taylor_threshold,
             )
-        request.caches = self._build_caches(
-            request.experts, request.schedule.num_steps, feature_cache, calibrator, ada_taylor
-        )
+        request.caches = self._build_caches(request.experts, request.schedule, feature_cache, calibrator, ada_taylor)
         for cache in {id(c): c for c in request.caches.values() if c is not None}.values():
             cache.reset()
         for adapter in self.adapters.values():
