@@ -62,6 +62,8 @@ class AdaTaylorCache(BaseFeatureCache):
         sigmas: the run's noise level at each step. With params that record their calibration
             sigmas, the curves are mapped by noise level (``resample_by_sigma``), so a curve
             measured at one step count and shift serves another.
+        Params with a tuned ``compute_steps`` placement for this step count use it instead of the
+        threshold rule (``plan_source`` says which); it is a fixed list, so identical on every rank.
         resample: "auto" (sigma rule when both sides have sigmas, else index rule), "index" (the
             anchors' nearest-index rule) or "sigma" (required; an error if sigmas are missing).
         params: an already loaded ``CacheParams``.
@@ -110,8 +112,13 @@ class AdaTaylorCache(BaseFeatureCache):
             else resample_nearest(self.params.curve(c), num_inference_steps)
             for c in (True, False)
         }
+        explicit = self.params.compute_steps
+        # a tuned placement is only valid for the step count it was tuned at
+        self.plan_source = "explicit" if explicit and explicit["num_inference_steps"] == num_inference_steps else "rule"
         self._plans = {
-            c: compute_skip_schedule(
+            c: sorted({*explicit[branch_name(c)], init_step})
+            if self.plan_source == "explicit"
+            else compute_skip_schedule(
                 self._ratios[c],
                 num_inference_steps,
                 self.params.K,

@@ -45,6 +45,9 @@ class CacheParams:
     sigma_shift: float | None = None
     default_steps: int | None = None
     sigmas: tuple[float, ...] | None = None  # noise level of each calibrated step, when recorded
+    # tuned placement of the computed steps for one step count: {"num_inference_steps": N,
+    # "cond": [...], "uncond": [...]}; used instead of the threshold rule when a run has N steps
+    compute_steps: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
 
@@ -149,6 +152,31 @@ def _check_sigmas(values: Any, n: int, source: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _check_compute_steps(value: Any, source: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    n = value.get("num_inference_steps") if isinstance(value, dict) else None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ParamsError(f"{source}: 'compute_steps' needs an integer 'num_inference_steps' >= 1")
+    out: dict[str, Any] = {"num_inference_steps": n}
+    for branch in ("cond", "uncond"):
+        steps = value.get(branch)
+        if (
+            not isinstance(steps, list)
+            or not steps
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in steps)
+            or steps != sorted(set(steps))
+            or steps[0] != 0
+            or steps[-1] != n - 1
+        ):
+            raise ParamsError(
+                f"{source}: 'compute_steps'.'{branch}' must be a sorted list of distinct step indices "
+                f"from 0 to {n - 1} that includes both ends"
+            )
+        out[branch] = list(steps)
+    return out
+
+
 def params_from_dict(data: Any, source: str = "<params>", default_model_type: str = "custom") -> CacheParams:
     """Validate a params mapping; every error names ``source`` and the offending key."""
     if not isinstance(data, dict):
@@ -199,6 +227,7 @@ def params_from_dict(data: Any, source: str = "<params>", default_model_type: st
         sigma_shift=None if shift is None else float(shift),
         default_steps=default_steps,
         sigmas=sigmas,
+        compute_steps=_check_compute_steps(data.get("compute_steps"), source),
         provenance=dict(data.get("provenance") or {}),
         path=None if source.startswith("<") else source,
     )

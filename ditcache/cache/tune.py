@@ -1,0 +1,265 @@
+"""Auto-tuning: choose a skip plan for a target speedup (or an error budget) from recorded residuals.
+
+A calibration run records each step's block-stack residual (``ResidualRecorder``). A candidate plan
+is judged offline by replaying it through a real ``AdaTaylorCache``: on its skipped steps the
+forecast is compared with the residual the model actually produced. The error of step t enters the
+sample through the Euler update scaled by the step's sigma interval, and the CFG combine scales
+the cond branch by g and the uncond branch by g - 1, so the predicted error of a plan is
+
+    sum_t |sigma_{t+1} - sigma_t| * (g * e_cond(t) + (g - 1) * e_uncond(t)),
+
+e = RMS of forecast - residual. Two families of candidates are searched: the threshold rule over a
+grid of (thresh, K, retention_ratio) on the calibrated curve, and a direct placement of the
+computed steps (greedy: drop the step whose loss hurts least, until the budget is met), because
+where the computed steps fall matters more than how many there are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ditcache.cache.ada_taylor import AdaTaylorCache
+from ditcache.cache.schedule import compute_skip_schedule, resample_by_sigma, resample_nearest
+from ditcache.errors import CacheConfigError
+from ditcache.params import CacheParams
+
+THRESH_GRID = tuple(round(0.005 * 1.25**i, 5) for i in range(30))  # 0.005 .. ~3.2
+K_GRID = (1, 2, 3, 4, 5, 6, 8)
+RETENTION_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+class TargetUnreachableError(CacheConfigError):
+    """No plan meets the requested speedup or error budget; nothing should be written."""
+
+
+@dataclass
+class Candidate:
+    """One plan with its predicted cost and error."""
+
+    method: str  # "rule" or "placement"
+    compute_steps: dict[bool, list[int]]
+    predicted_error: float
+    settings: dict = field(default_factory=dict)
+
+    def passes(self, branches: Sequence[bool]) -> int:
+        return sum(len(self.compute_steps[c]) for c in branches)
+
+
+@dataclass
+class TuneResult:
+    chosen: Candidate
+    predicted_speedup: float
+    baseline_error: float  # error scale: the same weights applied to the residuals themselves
+    candidates_evaluated: int
+
+
+class PlanReplayer:
+    """Predicts the sample error of a plan from recorded residual trajectories."""
+
+    def __init__(
+        self,
+        trajectories: dict[bool, list[torch.Tensor]],
+        sigmas: Sequence[float],
+        guidance_scale: float,
+        n_derivatives: int = 1,
+        taylor_threshold: int = 2,
+    ) -> None:
+        self.branches = [c for c in (True, False) if trajectories.get(c)]
+        if not self.branches:
+            raise CacheConfigError("no recorded trajectories: run at least one request through a ResidualRecorder")
+        lengths = {t.shape[0] for c in self.branches for t in trajectories[c]}
+        if len(lengths) != 1:
+            raise CacheConfigError(f"recorded trajectories have different step counts: {sorted(lengths)}")
+        self.num_steps = lengths.pop()
+        if len(sigmas) != self.num_steps:
+            raise CacheConfigError(f"{len(sigmas)} sigmas for {self.num_steps} recorded steps")
+        self.trajectories = trajectories
+        next_sigmas = [*sigmas[1:], 0.0]
+        self.step_weight = [abs(a - b) for a, b in zip(sigmas, next_sigmas)]
+        uncond_weight = max(guidance_scale - 1.0, 0.0)
+        self.branch_weight = {True: guidance_scale if False in self.branches else 1.0, False: uncond_weight}
+        self.n_derivatives = n_derivatives
+        self.taylor_threshold = taylor_threshold
+        self.evaluations = 0
+
+    def branch_error(self, is_cond: bool, compute_steps: list[int]) -> float:
+        """Weighted forecast error of one branch's plan, averaged over the recorded requests."""
+        flat = [1.0] * self.num_steps
+        total = 0.0
+        for traj in self.trajectories[is_cond]:
+            cache = AdaTaylorCache(
+                cond_mag_ratios=flat, uncond_mag_ratios=flat, K=0, thresh=0.0, retention_ratio=0.0,
+                num_inference_steps=self.num_steps, n_derivatives=self.n_derivatives,
+                taylor_threshold=self.taylor_threshold,
+            )
+            # drive the real cache with the plan: its own decisions are overridden by the plan
+            planned = set(compute_steps)
+            zero = torch.zeros_like(traj[0])
+            for step in range(self.num_steps):
+                cache.should_compute(is_cond)
+                if step in planned:
+                    cache.update(traj[step], zero, is_cond)
+                else:
+                    err = cache.approximate(zero, is_cond) - traj[step]
+                    total += self.step_weight[step] * float(err.pow(2).mean().sqrt())
+        self.evaluations += 1
+        return total / len(self.trajectories[is_cond])
+
+    def error(self, plan: dict[bool, list[int]]) -> float:
+        return sum(self.branch_weight[c] * self.branch_error(c, plan[c]) for c in self.branches)
+
+    def signal_scale(self) -> float:
+        """The same weighting applied to the residuals themselves: what 'skip everything' would cost."""
+        return sum(
+            self.branch_weight[c]
+            * sum(
+                sum(w * float(t[s].pow(2).mean().sqrt()) for s, w in enumerate(self.step_weight))
+                for t in self.trajectories[c]
+            )
+            / len(self.trajectories[c])
+            for c in self.branches
+        )
+
+
+def rule_candidates(
+    replayer: PlanReplayer, params: CacheParams, budget: int, tolerance: float, sigmas: Sequence[float] | None
+) -> list[Candidate]:
+    """Threshold-rule plans whose compute count per branch is within ``tolerance`` of ``budget``."""
+    n = replayer.num_steps
+    curves = {}
+    for c in (True, False):
+        if sigmas is not None and params.sigmas is not None:
+            curves[c] = resample_by_sigma(params.curve(c), params.sigmas, sigmas)
+        else:
+            curves[c] = resample_nearest(params.curve(c), n)
+    seen: dict[tuple, Candidate] = {}
+    for thresh, K, retention in itertools.product(THRESH_GRID, K_GRID, RETENTION_GRID):
+        plan = {c: compute_skip_schedule(curves[c], n, K, thresh, retention) for c in (True, False)}
+        counts = [len(plan[c]) for c in replayer.branches]
+        if any(abs(k - budget) > tolerance * budget for k in counts):
+            continue
+        key = tuple(tuple(plan[c]) for c in (True, False))
+        if key not in seen:
+            seen[key] = Candidate("rule", plan, math.nan, {"thresh": thresh, "K": K, "retention_ratio": retention})
+    for cand in seen.values():
+        cand.predicted_error = replayer.error(cand.compute_steps)
+    return list(seen.values())
+
+
+def placement_candidate(replayer: PlanReplayer, budget: int) -> Candidate:
+    """Greedy placement: from computing everything, drop the step whose removal costs least."""
+    n = replayer.num_steps
+    plan: dict[bool, list[int]] = {}
+    for c in replayer.branches:
+        current = list(range(n))
+        while len(current) > budget:
+            best_step, best_err = None, math.inf
+            for step in current[1:-1]:  # first and last step always compute
+                trial = [s for s in current if s != step]
+                err = replayer.branch_error(c, trial)
+                if err < best_err:
+                    best_step, best_err = step, err
+            if best_step is None:
+                break
+            current.remove(best_step)
+        plan[c] = current
+    for c in (True, False):
+        plan.setdefault(c, plan[replayer.branches[0]])
+    return Candidate("placement", plan, replayer.error(plan), {})
+
+
+def tune(
+    replayer: PlanReplayer,
+    params: CacheParams,
+    *,
+    target_speedup: float | None = None,
+    max_error: float | None = None,
+    tolerance: float = 0.1,
+    sigmas: Sequence[float] | None = None,
+    place_steps: bool = True,
+) -> TuneResult:
+    """Choose the plan with the least predicted error at the target speedup (or the fastest within
+    ``max_error``, a fraction of the signal scale). Raises TargetUnreachableError, never a bad plan."""
+    if (target_speedup is None) == (max_error is None):
+        raise CacheConfigError("give exactly one of target_speedup or max_error")
+    n = replayer.num_steps
+    scale = replayer.signal_scale()
+    if target_speedup is not None:
+        if target_speedup < 1:
+            raise CacheConfigError(f"target_speedup must be >= 1, got {target_speedup}")
+        budget = max(1, round(n / target_speedup))
+        if budget < 2 and n > 1:
+            raise TargetUnreachableError(
+                f"a {target_speedup}x speedup of a {n}-step run leaves {budget} computed step(s) per branch; "
+                "the first and last steps must compute, so at most "
+                f"{n / 2:.2f}x is possible here (few-step models gain little from caching)"
+            )
+        budgets = [budget]
+    else:
+        budgets = list(range(n - 1, 1, -1))
+    evaluated = 0
+    best_ok: Candidate | None = None
+    for budget in budgets:
+        cands = rule_candidates(replayer, params, budget, tolerance, sigmas)
+        if place_steps:
+            cands.append(placement_candidate(replayer, budget))
+        evaluated += len(cands)
+        if not cands:
+            continue
+        best = min(cands, key=lambda c: c.predicted_error)
+        if target_speedup is not None:
+            best_ok = best
+            break
+        if best.predicted_error <= max_error * scale:
+            best_ok = best
+        else:
+            break
+    if best_ok is None:
+        what = f"{target_speedup}x" if target_speedup is not None else f"an error within {max_error} of the signal"
+        raise TargetUnreachableError(
+            f"no plan reaches {what} for this {n}-step model: caching cannot help at this setting"
+        )
+    passes = best_ok.passes(replayer.branches)
+    return TuneResult(best_ok, n * len(replayer.branches) / passes, scale, evaluated)
+
+
+def tuned_params(params: CacheParams, result: TuneResult, num_steps: int, target: dict) -> dict:
+    """A params-file mapping: the calibrated curves plus the chosen settings (and placement)."""
+    chosen = result.chosen
+    data = {
+        "model_type": params.model_type,
+        "K": chosen.settings.get("K", params.K),
+        "retention_ratio": chosen.settings.get("retention_ratio", params.retention_ratio),
+        "thresh": chosen.settings.get("thresh", params.thresh),
+        "sigma_shift": params.sigma_shift,
+        "num_inference_steps": params.num_inference_steps,
+        "default_steps": num_steps,
+        "cond_mag_ratios": list(params.cond_mag_ratios),
+        "uncond_mag_ratios": list(params.uncond_mag_ratios),
+    }
+    if params.sigmas is not None:
+        data["sigmas"] = list(params.sigmas)
+    if chosen.method == "placement":
+        data["compute_steps"] = {
+            "num_inference_steps": num_steps,
+            "cond": chosen.compute_steps[True],
+            "uncond": chosen.compute_steps[False],
+        }
+    data["provenance"] = {
+        **params.provenance,
+        "tuned": {
+            **target,
+            "method": chosen.method,
+            "predicted_speedup": round(result.predicted_speedup, 4),
+            "predicted_error": chosen.predicted_error,
+            "error_scale": result.baseline_error,
+            "candidates_evaluated": result.candidates_evaluated,
+            "num_inference_steps": num_steps,
+        },
+    }
+    return data

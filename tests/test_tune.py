@@ -1,0 +1,76 @@
+"""Auto-tuning on recorded residual trajectories: budgets, placement, unreachable targets."""
+
+import math
+
+import pytest
+import torch
+
+from ditcache.cache import AdaTaylorCache
+from ditcache.cache.recorder import ResidualRecorder
+from ditcache.cache.tune import PlanReplayer, TargetUnreachableError, rule_candidates, tune, tuned_params
+from ditcache.params import params_from_dict
+
+
+def sigmas(n, shift=5.0):
+    s = [1 - i / n for i in range(n)]
+    return [shift * x / (1 + (shift - 1) * x) for x in s]
+
+
+def recorded(n=30, seed=0):
+    """Residuals that drift slowly mid-run and change fast at the start and end, like a trained DiT."""
+    gen = torch.Generator().manual_seed(seed)
+    base, turn = torch.randn(2, 16, 8, generator=gen), torch.randn(2, 16, 8, generator=gen)
+    rec = ResidualRecorder(n, max_tokens=8)
+    for is_cond, scale in ((True, 1.0), (False, 0.8)):
+        for t in range(n):
+            phase = t / (n - 1)
+            r = scale * (base * (1 + phase) + turn * math.exp(-20 * phase) + turn * math.exp(-20 * (1 - phase)) * 2)
+            assert rec.should_compute(is_cond)
+            rec.update(r, torch.zeros_like(r), is_cond)
+    return rec
+
+
+def params(n=30):
+    curve = [1.0] + [1.0 - 0.002 * i for i in range(n - 1)]
+    return params_from_dict({"K": 4, "thresh": 0.12, "retention_ratio": 0.2,
+                             "cond_mag_ratios": curve, "uncond_mag_ratios": curve, "sigmas": sigmas(n)})
+
+
+def test_recorder_keeps_a_seeded_token_subset():
+    rec = recorded()
+    trajs = rec.trajectories(True)
+    assert len(trajs) == 1 and trajs[0].shape == (30, 2, 8, 8)
+
+
+@pytest.mark.parametrize("target", [1.5, 2.0, 2.5])
+def test_tuned_plan_meets_the_target_and_beats_the_hand_rule(target):
+    rec = recorded()
+    replayer = PlanReplayer({c: rec.trajectories(c) for c in (True, False)}, sigmas(30), guidance_scale=4.0)
+    result = tune(replayer, params(), target_speedup=target)
+    assert abs(result.predicted_speedup - target) <= 0.1 * target
+    # no threshold-rule plan of the same budget predicts a smaller error than the chosen one
+    chosen = result.chosen
+    rules = rule_candidates(replayer, params(), round(30 / target), 0.1, None)
+    assert rules and chosen.predicted_error <= min(c.predicted_error for c in rules) + 1e-12
+    data = tuned_params(params(), result, 30, {"target_speedup": target})
+    cache = AdaTaylorCache(params=params_from_dict(data), num_inference_steps=30)
+    assert cache.planned_compute_steps(True) == chosen.compute_steps[True]
+
+
+def test_placement_puts_computes_where_the_residual_moves():
+    rec = recorded()
+    replayer = PlanReplayer({c: rec.trajectories(c) for c in (True, False)}, sigmas(30), guidance_scale=4.0)
+    result = tune(replayer, params(), target_speedup=3.0)
+    plan = result.chosen.compute_steps[True]
+    early = sum(1 for s in plan if s < 5)
+    middle = sum(1 for s in plan if 10 <= s < 20)
+    assert early >= middle  # the fast-changing start gets more computes than the smooth middle
+
+
+def test_unreachable_targets_are_refused():
+    rec = recorded(n=4)
+    replayer = PlanReplayer({c: rec.trajectories(c) for c in (True, False)}, sigmas(4), guidance_scale=4.0)
+    with pytest.raises(TargetUnreachableError, match="few-step"):
+        tune(replayer, params(4), target_speedup=3.0)
+    with pytest.raises(TargetUnreachableError, match="cannot help"):
+        tune(replayer, params(4), max_error=1e-9)
