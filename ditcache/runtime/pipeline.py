@@ -303,7 +303,7 @@ class WanPipeline:
             prompt, negative_prompt, num_inference_steps, guidance_scale, sigma_shift, seed, height, width, num_frames
         )
         ada_taylor = None
-        if enable_ada_taylor_cache:
+        if enable_ada_taylor_cache and calibrator is None and feature_cache is None:
             resolved_type = model_type or self.settings.model_type
             if resolved_type is None:
                 raise ParamsError(
