@@ -10,7 +10,7 @@ from ditcache.cache.ada_taylor import AdaTaylorCache
 from ditcache.cache.base import NoCache
 from ditcache.runtime.adapters import adapter_for
 from ditcache.runtime.adapters.hunyuan_video import HunyuanVideoAdapter
-from ditcache.runtime.hunyuan_pipeline import HunyuanPromptEmbeds, HunyuanVideoPipeline
+from ditcache.runtime.hunyuan_pipeline import HunyuanPromptEmbeds, HunyuanPromptEncoder, HunyuanVideoPipeline
 
 TEXT_DIM, POOLED_DIM = 16, 8
 
@@ -197,3 +197,63 @@ def test_latent_concat_i2v_returns_the_generated_frames_only():
     image_latents = torch.randn(1, 4, 1, 4, 6, generator=torch.Generator().manual_seed(9))
     out = run(HunyuanVideoPipeline(model), image_latents=image_latents, enable_ada_taylor_cache=False)
     assert out.frames.shape == (1, 4, 1, 4, 6)
+
+
+def tiny_tokenizer():
+    """A whitespace word-level tokenizer; template words it does not know become [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "a cat dog on the red mat".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def test_prompt_encoder_matches_diffusers_encode_prompt():
+    """Template, crop, third-to-last Llama layer, CLIP pooled: as diffusers' HunyuanVideoPipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import HunyuanVideoPipeline as DiffusersPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    tokenizer = tiny_tokenizer()
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    llama = LlamaModel(
+        LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                    num_attention_heads=2, num_key_value_heads=2)
+    ).eval()
+    clip = CLIPTextModel(
+        CLIPTextConfig(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    ).eval()
+    reference = DiffusersPipeline(
+        text_encoder=llama, tokenizer=tokenizer, transformer=tiny_hunyuan(), vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=clip, tokenizer_2=tokenizer,
+    )
+    prompts = ["a red cat on the mat", "dog"]
+    with torch.no_grad():
+        embeds_ref, pooled_ref, mask_ref = reference.encode_prompt(prompts, device=torch.device("cpu"))
+    ours = HunyuanPromptEncoder(llama, tokenizer, clip, tokenizer).encode(prompts)
+    assert torch.equal(ours.embeds, embeds_ref) and torch.equal(ours.pooled, pooled_ref)
+    assert torch.equal(ours.mask, mask_ref)
+
+
+@pytest.mark.parametrize("image_condition_type", [None, "token_replace"])
+def test_shipped_params_cache_skips_and_the_stack_runs_only_on_computed_steps(image_condition_type):
+    """The default cache (HunyuanVideo-T2V / -I2V params) at the released 50 steps, with real CFG."""
+    model = tiny_hunyuan(image_condition_type)
+    extra = {"image_latents": torch.randn(1, 4, 1, 4, 6)} if image_condition_type else {}
+    counts, handle = count_block_passes(model, {6: "cond", 4: "uncond"})
+    out = run(
+        HunyuanVideoPipeline(model),
+        num_inference_steps=50,
+        negative_prompt_embeds=embeds(2, 4),
+        guidance_scale=3.0,
+        **extra,
+    )
+    handle.remove()
+    stats = out.cache_stats["transformer"]
+    assert counts == {name: stats[name]["num_computed"] for name in ("cond", "uncond")}
+    assert all(0 < count < 50 for count in counts.values())

@@ -12,7 +12,7 @@ from ditcache.cache.ada_taylor import AdaTaylorCache
 from ditcache.cache.base import NoCache
 from ditcache.runtime.adapters import adapter_for
 from ditcache.runtime.adapters.qwen_image import QwenImageAdapter
-from ditcache.runtime.qwen_pipeline import DynamicShift, QwenImagePipeline, QwenPromptEmbeds
+from ditcache.runtime.qwen_pipeline import DynamicShift, QwenImagePipeline, QwenPromptEmbeds, QwenPromptEncoder
 from ditcache.runtime.scheduler import flow_match_schedule
 
 TEXT_DIM = 16
@@ -204,3 +204,54 @@ def test_dynamic_shift_matches_qwen_image_scheduler():
     scheduler.set_timesteps(sigmas=base, mu=mu)
     ours = flow_match_schedule(STEPS, shift).sigmas
     assert torch.allclose(ours, scheduler.sigmas.float(), atol=1e-6)
+
+
+def tiny_tokenizer():
+    """A whitespace word-level tokenizer; template words it does not know become [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "a cat dog on the red mat".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("prompts", [["a red cat on the mat", "dog"], ["a cat"]], ids=["padded", "unpadded"])
+def test_prompt_encoder_matches_diffusers_encode_prompt(prompts):
+    """Template, system-prefix drop, re-padding and the all-valid -> None mask: as diffusers' pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import QwenImagePipeline as DiffusersPipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    reference = DiffusersPipeline(
+        text_encoder=encoder, tokenizer=tokenizer, transformer=tiny_qwen(), vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    with torch.no_grad():
+        embeds_ref, mask_ref = reference.encode_prompt(prompts, device=torch.device("cpu"))
+    ours = QwenPromptEncoder(encoder, tokenizer).encode(prompts)
+    assert torch.equal(ours.embeds, embeds_ref)
+    assert (ours.mask is None and mask_ref is None) or torch.equal(ours.mask, mask_ref)
+
+
+@pytest.mark.parametrize("references", [None, REFERENCES], ids=["t2i", "edit_plus"])
+def test_shipped_params_cache_skips_and_the_stack_runs_only_on_computed_steps(references):
+    """The default cache (Qwen-Image / Qwen-Image-Edit-Plus params) at the released step counts."""
+    model = tiny_qwen()
+    counts, handle = count_block_passes(model, {5: "cond", 3: "uncond"})
+    out = run(QwenImagePipeline(model), num_inference_steps=None, reference_latents=references)
+    handle.remove()
+    steps = 40 if references else 50
+    stats = out.cache_stats["transformer"]
+    assert out.branch_steps == {"cond": steps, "uncond": steps}
+    assert counts == {name: stats[name]["num_computed"] for name in ("cond", "uncond")}
+    assert all(0 < count < steps for count in counts.values())

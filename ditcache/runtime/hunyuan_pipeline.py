@@ -92,7 +92,7 @@ class HunyuanPromptEncoder(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> "HunyuanPromptEncoder":
-        """Load ``text_encoder``/``tokenizer`` (Llama) and ``text_encoder_2``/``tokenizer_2`` (CLIP); never downloads."""
+        """Load ``text_encoder``/``tokenizer`` (Llama), ``text_encoder_2``/``tokenizer_2`` (CLIP); no downloads."""
         from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
         root = Path(model_dir)
@@ -244,7 +244,7 @@ class HunyuanVideoPipeline:
         feature_cache: BaseFeatureCache | None,
         enable_ada_taylor_cache: bool,
         model_type: str | None,
-        num_steps: int,
+        schedule: FlowMatchSchedule,
         n_derivatives: int,
         taylor_threshold: int,
     ) -> tuple[BaseFeatureCache, bool]:
@@ -261,7 +261,9 @@ class HunyuanVideoPipeline:
         cache = create_feature_cache(
             "ada_taylor",
             model_type=model_type or default_type,
-            num_inference_steps=num_steps,
+            num_inference_steps=schedule.num_steps,
+            # The run's sigmas let the cache map a curve by noise level rather than by step index.
+            sigmas=schedule.sigmas[:-1].tolist(),
             n_derivatives=n_derivatives,
             taylor_threshold=taylor_threshold,
         )
@@ -331,7 +333,7 @@ class HunyuanVideoPipeline:
             feature_cache,
             enable_ada_taylor_cache,
             model_type,
-            schedule.num_steps,
+            schedule,
             ada_taylor_n_derivatives,
             ada_taylor_taylor_threshold,
         )

@@ -232,7 +232,9 @@ class QwenImagePipeline:
         multiple = self.vae_scale_factor * self.adapter.patch_size[0]
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % multiple:
-                raise ParamsError(f"{name} must be a positive multiple of {multiple} (VAE scale x patch), got {value!r}")
+                raise ParamsError(
+                    f"{name} must be a positive multiple of {multiple} (VAE scale x patch), got {value!r}"
+                )
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
     def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,7 +297,7 @@ class QwenImagePipeline:
         feature_cache: BaseFeatureCache | None,
         enable_ada_taylor_cache: bool,
         model_type: str,
-        num_steps: int,
+        schedule: FlowMatchSchedule,
         n_derivatives: int,
         taylor_threshold: int,
     ) -> tuple[BaseFeatureCache, bool]:
@@ -311,7 +313,9 @@ class QwenImagePipeline:
         cache = create_feature_cache(
             "ada_taylor",
             model_type=model_type,
-            num_inference_steps=num_steps,
+            num_inference_steps=schedule.num_steps,
+            # The run's sigmas let the cache map a curve by noise level rather than by step index.
+            sigmas=schedule.sigmas[:-1].tolist(),
             n_derivatives=n_derivatives,
             taylor_threshold=taylor_threshold,
         )
@@ -324,7 +328,7 @@ class QwenImagePipeline:
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 4.0,
         sigma_shift: float | None = None,
         seed: int = 0,
@@ -345,6 +349,7 @@ class QwenImagePipeline:
     ) -> GenerationOutput:
         """Generate one image per prompt (Edit-Plus: edit the reference images as the prompt says).
 
+        ``num_inference_steps`` defaults to 50 (T2I) or 40 (Edit-Plus), the released settings.
         ``guidance_scale <= 1`` runs no unconditional pass; otherwise the negative prompt defaults
         to " ". ``sigma_shift=None`` uses the resolution-dependent shift. ``height``/``width``
         default to ~1024^2 at the last reference image's aspect (Edit-Plus) or 1024 x 1024. The cache
@@ -395,12 +400,14 @@ class QwenImagePipeline:
         latents = latents.to(device)
         n_noisy = latents.shape[1]
         shift = self.dynamic_shift(n_noisy) if sigma_shift is None else sigma_shift
+        if num_inference_steps is None:
+            num_inference_steps = 40 if references else 50
         schedule = flow_match_schedule(num_inference_steps, shift)
         cache, params_cache = self._resolve_cache(
             feature_cache,
             enable_ada_taylor_cache,
             model_type or ("Qwen-Image-Edit-Plus" if references else "Qwen-Image"),
-            schedule.num_steps,
+            schedule,
             ada_taylor_n_derivatives,
             ada_taylor_taylor_threshold,
         )
