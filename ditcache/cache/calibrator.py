@@ -7,9 +7,7 @@ sequence shards, prompts, data-parallel replicas and nodes merge exactly: add su
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +18,9 @@ import torch
 
 from ditcache import __version__
 from ditcache.cache.base import BaseFeatureCache, BranchStats, branch_name
-from ditcache.errors import CacheConfigError, CacheStateError, ParamsError
-from ditcache.params.loader import SHIPPED_PARAMS_DIR, params_from_dict, sanitize_model_name
+from ditcache.errors import CacheConfigError, CacheStateError
+from ditcache.params.loader import SHIPPED_PARAMS_DIR, sanitize_model_name
+from ditcache.params.writer import write_params
 
 BRANCHES = (True, False)  # cond, uncond: the row order of the packed statistics
 
@@ -238,30 +237,6 @@ class Calibrator(BaseFeatureCache):
         return self.params_dir / f"{sanitize_model_name(self.model_name)}.json"
 
     def write(self, path: str | os.PathLike | None = None, *, overwrite_shipped: bool = False) -> Path:
-        """Write the params file atomically (temp file + rename) and return its path.
-
-        Refuses to replace a file shipped with ditcache unless ``overwrite_shipped`` is set, so a
-        calibration run cannot silently clobber the published curves.
-        """
+        """Write the params file atomically (see ``write_params``) and return its path."""
         target = Path(path) if path else (self.output_path or self.default_output_path())
-        data = self.result()
-        params_from_dict(data, source=str(target))
-        shipped = target.resolve().parent == SHIPPED_PARAMS_DIR and target.exists()
-        if shipped and not overwrite_shipped:
-            raise ParamsError(
-                f"{target} is a shipped params file; pass output_path elsewhere (or a params_dir), "
-                "or overwrite_shipped=True to replace it"
-            )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return write_params(self.result(), target, overwrite_shipped=overwrite_shipped)

@@ -1,0 +1,141 @@
+"""Calibrate a model's magnitude-ratio curve (and optionally auto-tune a skip plan) into a params file.
+
+    python launch/calibrate.py --model reference --model-name Reference-Digits --output my.json
+    python launch/calibrate.py --model wan --model-dir /models/Wan2.1-T2V-1.3B-Diffusers \
+        --prompts-file prompts.txt --steps 50 --shift 5 --model-name Wan2.1-T2V-1.3B-mine
+    python launch/calibrate.py --model reference --target-speedup 2.0 --output tuned.json
+
+The curve is the mean over every token of every prompt of ||r_t|| / ||r_{t-1}|| per branch, with
+the noise level of each step recorded, so runs at other step counts and shifts resample it by
+sigma. With ``--target-speedup`` or ``--max-error`` a second pass records the residuals of the
+first ``--tune-prompts`` prompts and the plan with the least predicted error is written along with
+the curve (or the script says plainly that the target cannot be reached, and writes nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generate import DTYPES, load, read_prompts, resolve_model  # noqa: E402
+
+from ditcache.cache.calibrator import Calibrator  # noqa: E402
+from ditcache.cache.recorder import ResidualRecorder  # noqa: E402
+from ditcache.cache.tune import PlanReplayer, TargetUnreachableError, tune, tuned_params  # noqa: E402
+from ditcache.errors import DitCacheError  # noqa: E402
+from ditcache.params import params_from_dict  # noqa: E402
+from ditcache.params.writer import write_params  # noqa: E402
+from ditcache.runtime.scheduler import flow_match_schedule  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="reference", help="bundled model or family (see generate.py)")
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES))
+    parser.add_argument("--prompt", action="append")
+    parser.add_argument("--prompts-file", type=Path)
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--steps", type=int, help="default: the model directory's")
+    parser.add_argument("--shift", type=float, help="default: the model directory's")
+    parser.add_argument("--guidance-scale", type=float, help="<= 1: cond curve only (stated in the file)")
+    parser.add_argument("--seed", type=int, default=1000, help="first seed; prompt i uses seed + i")
+    parser.add_argument("--batch-size", type=int, default=10, help="prompts per pipeline call")
+    parser.add_argument("--model-name", help="model_type written into the file (default: the model's)")
+    parser.add_argument("--output", type=Path, help="params file to write (default: the shipped params dir)")
+    parser.add_argument("--overwrite-shipped", action="store_true", help="allow replacing a shipped params file")
+    parser.add_argument("--K", type=int, help="max consecutive skips to write (default: min(4, max(1, N // 10)))")
+    parser.add_argument("--thresh", type=float, default=0.12)
+    parser.add_argument("--retention-ratio", type=float, default=0.2)
+    tuning = parser.add_mutually_exclusive_group()
+    tuning.add_argument("--target-speedup", type=float, help="auto-tune a plan with this many times fewer passes")
+    tuning.add_argument("--max-error", type=float, help="auto-tune the fastest plan within this predicted error")
+    parser.add_argument("--tune-prompts", type=int, default=4, help="prompts whose residuals the tuner replays")
+    parser.add_argument("--order", type=int, default=1, help="n_derivatives the tuned plan is judged with")
+    parser.add_argument("--taylor-threshold", type=int, default=2)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def batches(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def run(args: argparse.Namespace) -> tuple[Path, dict]:
+    family, model_dir = resolve_model(args.model, args.model_dir)
+    prompts = read_prompts(args)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    pipe = load(family, model_dir, args.device, dtype or DTYPES["float32"])
+    settings = pipe.settings
+    steps = args.steps or settings.default_steps
+    shift = args.shift or settings.default_shift
+    guidance = settings.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
+    schedule = flow_match_schedule(steps, shift)
+    sigmas = schedule.sigmas[:-1].tolist()
+    model_name = args.model_name or settings.model_type or "custom"
+    calibrator = Calibrator(
+        steps, shift, model_name, args.output, K=args.K, thresh=args.thresh,
+        retention_ratio=args.retention_ratio, sigmas=sigmas,
+    )
+    common = dict(num_inference_steps=steps, sigma_shift=shift, guidance_scale=guidance, progress=False)
+    if args.negative_prompt is not None:
+        common["negative_prompt"] = args.negative_prompt
+    show = not args.no_progress
+    for i, batch in enumerate(tqdm(batches(prompts, args.batch_size), desc="calibrating", disable=not show)):
+        pipe(prompt=batch, seed=args.seed + i, calibrator=calibrator, **common)
+    data = calibrator.result()
+
+    if args.target_speedup is not None or args.max_error is not None:
+        recorder = ResidualRecorder(steps)
+        for i, batch in enumerate(tqdm(batches(prompts[: args.tune_prompts], args.batch_size), desc="recording",
+                                       disable=not show)):
+            pipe(prompt=batch, seed=args.seed + i, calibrator=recorder, **common)
+        replayer = PlanReplayer(
+            {c: recorder.trajectories(c) for c in (True, False)}, sigmas, guidance,
+            n_derivatives=args.order, taylor_threshold=args.taylor_threshold,
+        )
+        params = params_from_dict(data, source=f"calibration of {model_name}")
+        target = {"target_speedup": args.target_speedup} if args.target_speedup else {"max_error": args.max_error}
+        result = tune(replayer, params, target_speedup=args.target_speedup, max_error=args.max_error, sigmas=sigmas)
+        data = tuned_params(params, result, steps, target)
+        data["provenance"]["requests"] = calibrator.result()["provenance"]["requests"]
+
+    path = args.output or calibrator.default_output_path()
+    return write_params(data, path, overwrite_shipped=args.overwrite_shipped), data
+
+
+def summary(path: Path, data: dict) -> str:
+    prov = data["provenance"]
+    line = (
+        f"{data['model_type']}: {data['num_inference_steps']} steps, shift {data['sigma_shift']}, "
+        f"requests {prov['requests']}, K={data['K']} thresh={data['thresh']} retention={data['retention_ratio']}"
+    )
+    tuned = prov.get("tuned")
+    if tuned:
+        line += f" | tuned ({tuned['method']}): predicted {tuned['predicted_speedup']:.2f}x fewer passes"
+    return f"{line} | wrote {path}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        path, data = run(args)
+    except TargetUnreachableError as exc:
+        print(f"target unreachable, nothing written: {exc}", file=sys.stderr)
+        return 3
+    except DitCacheError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(path, data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
