@@ -61,6 +61,10 @@ def test_world_one_needs_no_torch_distributed(monkeypatch):
     assert cfgp.branches == (True, False)
     out = cfgp.combine({True: torch.full((2,), 3.0), False: torch.ones(2)}, guidance_scale=2.0)
     assert torch.equal(out, torch.full((2,), 5.0))
+    preds = {True: torch.full((2,), 3.0), False: torch.ones(2)}
+    assert torch.equal(cfgp.combine(preds, 2.0, rule=lambda c, u, g: c * g - u), torch.full((2,), 5.0))
+    with pytest.raises(ValueError, match="expected predictions for branches"):
+        cfgp.combine({True: torch.ones(2)}, 2.0)
     assert CfgParallel.from_groups(groups, guidance=False).branches == (True,)
     with pytest.raises(CacheConfigError, match="needs torch.distributed"):
         ParallelGroups.build(ParallelConfig(1, 2, 2))
@@ -87,6 +91,7 @@ def _probe(rank: int, world: int, cfg_degree: int, sp_degree: int) -> dict:
         cfgp = CfgParallel.from_groups(groups, guidance=True)
         (branch,) = cfgp.branches
         pred = torch.full((3,), 10.0 if branch else 4.0)  # cond = 10, uncond = 4
+        probe["gathered"] = [t[0].item() for t in cfgp.gather({branch: pred})]
         probe["combined"] = cfgp.combine({branch: pred}, guidance_scale=1.5).tolist()  # 4 + 1.5 * 6
         try:
             CfgParallel.from_groups(groups, guidance=False)
@@ -124,5 +129,6 @@ def test_groups_per_rank(world, cfg_degree, sp_degree):
         assert probe["cfg"] == probe["cfg_gathered"] == cfg, rank
         assert probe["replica"] == tuple(range(world)), rank
         if cfg_degree == 2:
+            assert probe["gathered"] == [10.0, 4.0]  # (cond, uncond) on every rank
             assert probe["combined"] == [13.0] * 3
             assert "needs classifier-free guidance" in probe["guidance_off_error"]

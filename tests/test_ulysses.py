@@ -196,3 +196,18 @@ def test_clear_errors(sp2):
     for r in sp2:
         assert "has 3 heads" in r["errors"]["heads"] and "SP degree 2" in r["errors"]["heads"]
         assert "no attention module with a supported processor" in r["errors"]["unsupported"]
+
+
+def test_world_one_installs_nothing_and_shards_are_identities():
+    from diffusers import WanTransformer3DModel
+
+    from ditcache.parallel import ParallelGroups
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
+    )
+    ctx = apply_ulysses(model, ParallelGroups.single().sp)
+    x = torch.randn(1, 7, 24)
+    assert ctx.shard(x) is x and ctx.pad == 0 and ctx.gather(x) is x
+    assert remove_ulysses(model) == 0

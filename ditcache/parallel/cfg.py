@@ -13,6 +13,7 @@ Give those ranks to sequence parallelism or to data-parallel replicas instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,16 +61,27 @@ class CfgParallel:
             return (self.group.rank == 0,)
         return (True, False) if self.guidance else (True,)
 
-    def combine(self, preds: dict[bool, torch.Tensor], guidance_scale: float) -> torch.Tensor:
-        """The guided prediction from this rank's ``{is_cond: prediction}`` (same result on every
-        rank of the cfg group); the conditional prediction itself when guidance is off."""
+    def gather(self, preds: dict[bool, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(cond, uncond)`` predictions from this rank's ``{is_cond: prediction}``, identical on every
+        rank of the cfg group; ``uncond`` is None when guidance is off."""
         if set(preds) != set(self.branches):
-            raise ValueError(f"combine expects predictions for branches {self.branches}, got {sorted(preds)}")
+            raise ValueError(f"expected predictions for branches {self.branches}, got {sorted(preds)}")
         if not self.guidance:
-            return preds[True]
+            return preds[True], None
         if self.group.size == 2:
             # cfg rank 0 holds cond, rank 1 uncond: the gather order is the branch order
             cond, uncond = self.group.all_gather(preds[self.branches[0]], op="cfg all_gather (predictions)")
-        else:
-            cond, uncond = preds[True], preds[False]
-        return combine_guidance(cond, uncond, guidance_scale)
+            return cond, uncond
+        return preds[True], preds[False]
+
+    def combine(
+        self,
+        preds: dict[bool, torch.Tensor],
+        guidance_scale: float,
+        rule: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = combine_guidance,
+    ) -> torch.Tensor:
+        """The guided prediction (same on every rank of the cfg group), or the conditional prediction
+        when guidance is off. ``rule(cond, uncond, scale)`` lets a family use its own guidance
+        (Qwen-Image rescales the result to the conditional prediction's norm)."""
+        cond, uncond = self.gather(preds)
+        return cond if uncond is None else rule(cond, uncond, guidance_scale)

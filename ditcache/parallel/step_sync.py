@@ -96,14 +96,17 @@ class StepSync:
                 problems.append(f"the SP group of ranks {ranks} runs different branches")
             if len({r["compute"] for r in sp_rows}) > 1:
                 said = ", ".join(f"rank {r['rank']} {_decision(r)}" for r in sp_rows)
-                problems.append(f"the SP group of ranks {ranks} disagrees on compute/skip ({said})")
+                problems.append(
+                    f"the SP group of ranks {ranks} disagrees on compute/skip ({said}); a decision that depends "
+                    f"on the local token shard must reduce its statistic over the SP group first"
+                )
         if self.cfg_parallel:
-            for r in rows:
-                if bool(r["is_cond"]) != (r["cfg_rank"] == 0):
-                    problems.append(
-                        f"rank {r['rank']} (cfg rank {r['cfg_rank']}) runs the {branch_name(bool(r['is_cond']))} "
-                        f"branch; under CFG-parallel cfg rank 0 runs cond and cfg rank 1 uncond"
-                    )
+            wrong = [r for r in rows if bool(r["is_cond"]) != (r["cfg_rank"] == 0)]
+            if wrong:
+                said = ", ".join(
+                    f"rank {r['rank']} (cfg rank {r['cfg_rank']}) runs {branch_name(bool(r['is_cond']))}" for r in wrong
+                )
+                problems.append(f"wrong branch under CFG-parallel, where cfg rank 0 runs cond and 1 uncond ({said})")
         return problems
 
 
@@ -121,8 +124,6 @@ def _report(label: str, rows: list[dict[str, int]], problems: list[str]) -> str:
     )
     return (
         f"{label}: ranks diverged at {where}: " + "; ".join(problems) + ".\nWhat each rank decided:\n" + table
-        + "\nA cache decision must be identical on every rank of an SP group: a statistic computed on the "
-        "local token shard must be reduced over the SP group before deciding."
     )
 
 

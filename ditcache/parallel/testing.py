@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -68,8 +69,6 @@ def _rank_main(
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
-    import torch
-
     torch.set_num_threads(1)
     try:
         payload: tuple = ("ok", fn(rank, world_size, *args))

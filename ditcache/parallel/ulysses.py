@@ -162,7 +162,8 @@ class UlyssesContext:
         ).transpose(1, 2)
         if txt_qkv is None:
             return _heads_to_seq(out, g), None
-        txt_out, img_out = (out[:, :n_txt], out[:, n_txt:]) if txt_first else (out[:, -n_txt:], out[:, :-n_txt])
+        n_img = out.shape[1] - n_txt
+        txt_out, img_out = (out[:, :n_txt], out[:, n_txt:]) if txt_first else (out[:, n_img:], out[:, :n_img])
         txt_full = torch.cat(g.all_gather(txt_out, op="ulysses all_gather (text heads)"), dim=2)
         return _heads_to_seq(img_out, g), txt_full
 
