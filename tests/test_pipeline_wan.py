@@ -416,3 +416,19 @@ def test_uncached_pipeline_equals_a_hand_written_cfg_euler_loop(pipe, prompt_enc
         v_u = model(x, t, uncond, return_dict=False)[0]
         x = x + float(sigmas[i + 1] - sigmas[i]) * (v_u + 3.0 * (v_c - v_u))
     assert torch.allclose(out.frames, (x / 2 + 0.5).clamp(0, 1), atol=1e-5)
+
+
+def test_png_grid_layout_and_video_frames(tmp_path):
+    import imageio.v2 as imageio
+    from PIL import Image
+
+    from ditcache.runtime.io import save_frames
+
+    digits = torch.ones(5, 1, 1, 16, 16)  # 5 images -> 3 columns x 2 rows, upscaled 8x to 128 px
+    with Image.open(save_frames(digits, tmp_path / "grid.png")) as image:
+        assert image.size == (3 * 130 + 2, 2 * 130 + 2)
+        assert image.getpixel((0, 0)) == (128, 128, 128) and image.getpixel((5, 5)) == (255, 255, 255)
+    reader = imageio.get_reader(save_frames(torch.rand(2, 3, 4, 16, 16), tmp_path / "clip.mp4"), format="FFMPEG")
+    assert reader.count_frames() == 4
+    with pytest.raises(ParamsError, match="must end in one of"):
+        save_frames(digits, tmp_path / "grid.jpg")

@@ -30,12 +30,15 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
-def tile(images: np.ndarray, columns: int, padding: int = 2) -> np.ndarray:
-    """``[N, H, W, 3]`` -> one ``[rows*(H+p)+p, cols*(W+p)+p, 3]`` grid with a black gutter."""
+def tile(images: np.ndarray, columns: int, padding: int = 2, gutter: int = 128) -> np.ndarray:
+    """``[N, H, W, 3]`` -> one ``[rows*(H+p)+p, cols*(W+p)+p, 3]`` grid.
+
+    The gutter is grey so that tiles stay apart on dark samples (digits are white on black).
+    """
     count, height, width, _ = images.shape
     columns = max(1, min(columns, count))
     rows = -(-count // columns)
-    grid = np.zeros((rows * (height + padding) + padding, columns * (width + padding) + padding, 3), np.uint8)
+    grid = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding, 3), gutter, np.uint8)
     for i, image in enumerate(images):
         top = padding + (i // columns) * (height + padding)
         left = padding + (i % columns) * (width + padding)

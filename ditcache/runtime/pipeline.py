@@ -63,10 +63,10 @@ class GenerationOutput:
             for name, steps in self.branch_steps.items()
         ]
         asked, ran = sum(self.branch_steps.values()), sum(passes.values())
-        speedup = f" ({asked / ran:.2f}x fewer)" if ran else ""
+        ratio = f", {asked / ran:.2f}x fewer" if ran else ""
         return (
-            f"{len(self.timesteps)} steps | {' | '.join(parts)} | block passes {ran}/{asked}, "
-            f"saved {asked - ran}{speedup} | {self.wall_time_s:.2f} s"
+            f"{len(self.timesteps)} steps | {' | '.join(parts)} | block passes {ran}/{asked} "
+            f"(saved {asked - ran}{ratio}) | {self.wall_time_s:.2f} s"
         )
 
 
