@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
@@ -215,19 +217,8 @@ def test_prompt_encoder_matches_diffusers_encode_prompt():
     """Template, crop, third-to-last Llama layer, CLIP pooled: as diffusers' HunyuanVideoPipeline."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers import HunyuanVideoPipeline as DiffusersPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
-    tokenizer = tiny_tokenizer()
-    vocab = len(tokenizer)
-    torch.manual_seed(0)
-    llama = LlamaModel(
-        LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                    num_attention_heads=2, num_key_value_heads=2)
-    ).eval()
-    clip = CLIPTextModel(
-        CLIPTextConfig(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=0)
-    ).eval()
+    llama, tokenizer, clip = tiny_encoders()
     reference = DiffusersPipeline(
         text_encoder=llama, tokenizer=tokenizer, transformer=tiny_hunyuan(), vae=None,
         scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=clip, tokenizer_2=tokenizer,
@@ -257,3 +248,45 @@ def test_shipped_params_cache_skips_and_the_stack_runs_only_on_computed_steps(im
     stats = out.cache_stats["transformer"]
     assert counts == {name: stats[name]["num_computed"] for name in ("cond", "uncond")}
     assert all(0 < count < 50 for count in counts.values())
+
+
+def tiny_encoders():
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    llama = LlamaModel(
+        LlamaConfig(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=3,
+                    num_attention_heads=2, num_key_value_heads=2)
+    ).eval()
+    clip = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=POOLED_DIM, intermediate_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    ).eval()
+    return llama, tokenizer, clip
+
+
+def test_from_pretrained_loads_a_local_directory_and_encodes_prompts(tmp_path):
+    llama, tokenizer, clip = tiny_encoders()
+    model = tiny_hunyuan()
+    model.save_pretrained(tmp_path / "transformer")
+    for part, module in (("text_encoder", llama), ("tokenizer", tokenizer),
+                         ("text_encoder_2", clip), ("tokenizer_2", tokenizer)):
+        module.save_pretrained(tmp_path / part)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"shift": 5.0}))
+    index = {
+        "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"],
+        "text_encoder": ["transformers", "LlamaModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "vae": None,
+    }
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+
+    loaded = HunyuanVideoPipeline.from_pretrained(tmp_path)
+    assert loaded.default_shift == 5.0
+    in_memory = HunyuanVideoPipeline(model, prompt_encoder=HunyuanPromptEncoder(llama, tokenizer, clip, tokenizer),
+                                     default_shift=5.0)
+    kwargs = dict(prompt_embeds=None, prompt="a red cat", negative_prompt="dog", guidance_scale=2.0,
+                  enable_ada_taylor_cache=False)
+    assert torch.equal(run(loaded, **kwargs).frames, run(in_memory, **kwargs).frames)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -182,11 +183,7 @@ def test_guidance_off_runs_no_unconditional_branch():
 
 
 def test_pipeline_decodes_images_with_a_vae():
-    torch.manual_seed(0)
-    vae = AutoencoderKLQwenImage(
-        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.1] * 4, latents_std=[1.5] * 4
-    ).eval()
-    pipe = QwenImagePipeline(tiny_qwen(), vae=vae)
+    pipe = QwenImagePipeline(tiny_qwen(), vae=tiny_vae())
     out = run(pipe, output_type="frames", num_inference_steps=2, enable_ada_taylor_cache=False)
     assert out.frames.shape == (1, 3, 1, 48, 64)
     assert out.frames.min() >= 0 and out.frames.max() <= 1
@@ -218,20 +215,34 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
 
 
+def tiny_encoder():
+    """A 2-layer Qwen2.5-VL (text path used) and its tokenizer."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=TEXT_DIM)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+    return Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    return AutoencoderKLQwenImage(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.1] * 4, latents_std=[1.5] * 4
+    ).eval()
+
+
 @pytest.mark.parametrize("prompts", [["a red cat on the mat", "dog"], ["a cat"]], ids=["padded", "unpadded"])
 def test_prompt_encoder_matches_diffusers_encode_prompt(prompts):
     """Template, system-prefix drop, re-padding and the all-valid -> None mask: as diffusers' pipeline."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers import QwenImagePipeline as DiffusersPipeline
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
-                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
-    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
-    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    encoder, tokenizer = tiny_encoder()
     reference = DiffusersPipeline(
         text_encoder=encoder, tokenizer=tokenizer, transformer=tiny_qwen(), vae=None,
         scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -255,3 +266,29 @@ def test_shipped_params_cache_skips_and_the_stack_runs_only_on_computed_steps(re
     assert out.branch_steps == {"cond": steps, "uncond": steps}
     assert counts == {name: stats[name]["num_computed"] for name in ("cond", "uncond")}
     assert all(0 < count < steps for count in counts.values())
+
+
+def test_from_pretrained_loads_a_local_directory_and_encodes_prompts(tmp_path):
+    encoder, tokenizer = tiny_encoder()
+    model, vae = tiny_qwen(), tiny_vae()
+    for part, module in (("transformer", model), ("vae", vae), ("text_encoder", encoder), ("tokenizer", tokenizer)):
+        module.save_pretrained(tmp_path / part)
+    (tmp_path / "scheduler").mkdir()
+    scheduler = {"base_image_seq_len": 4, "max_image_seq_len": 64, "base_shift": 0.3, "max_shift": 0.9}
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    index = {
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+
+    loaded = QwenImagePipeline.from_pretrained(tmp_path)
+    assert loaded.dynamic_shift == DynamicShift(4, 64, 0.3, 0.9)
+    in_memory = QwenImagePipeline(
+        model, vae, QwenPromptEncoder(encoder, tokenizer), dynamic_shift=DynamicShift(4, 64, 0.3, 0.9)
+    )
+    kwargs = dict(prompt_embeds=None, negative_prompt_embeds=None, prompt="a red cat", output_type="frames",
+                  num_inference_steps=2, enable_ada_taylor_cache=False)
+    assert torch.equal(run(loaded, **kwargs).frames, run(in_memory, **kwargs).frames)

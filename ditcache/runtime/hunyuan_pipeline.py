@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ditcache.cache.base import BaseFeatureCache, NoCache
 from ditcache.errors import ParamsError
 from ditcache.runtime.adapters.hunyuan_video import HunyuanVideoAdapter
-from ditcache.runtime.loading import check_part, part_spec, read_model_index
+from ditcache.runtime.loading import check_part, load_diffusers_model, part_spec, read_model_index
 from ditcache.runtime.pipeline import GenerationOutput, WanPipeline, _as_prompt_list
 from ditcache.runtime.scheduler import FlowMatchSchedule, flow_match_schedule
 
@@ -151,23 +151,18 @@ class HunyuanVideoPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+        cls, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> "HunyuanVideoPipeline":
         """Load a local diffusers-format HunyuanVideo directory; the prompt encoders only if present."""
         from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 
         root = Path(model_dir)
         index = read_model_index(root)
-        local = {"local_files_only": True}
-        transformer = HunyuanVideoTransformer3DModel.from_pretrained(
-            str(check_part(root, "transformer")), torch_dtype=dtype, **local
-        )
+        transformer = load_diffusers_model(HunyuanVideoTransformer3DModel, check_part(root, "transformer"), dtype)
         vae = None
         if part_spec(index, "vae") is not None:
             # Decoding runs once per request; fp32 keeps the frames clean.
-            vae = AutoencoderKLHunyuanVideo.from_pretrained(
-                str(check_part(root, "vae")), torch_dtype=torch.float32, **local
-            ).to(device)
+            vae = load_diffusers_model(AutoencoderKLHunyuanVideo, check_part(root, "vae"), torch.float32).to(device)
         encoder = None
         # I2V checkpoints encode the prompt with LLaVA and the image; only the T2V Llama encoder is
         # loaded here, I2V requests bring prompt_embeds.
@@ -177,7 +172,7 @@ class HunyuanVideoPipeline:
         if part_spec(index, "scheduler") is not None:
             config = json.loads((check_part(root, "scheduler") / "scheduler_config.json").read_text())
             shift = float(config.get("shift", shift))
-        return cls(transformer.eval().to(device), vae, encoder, default_shift=shift)
+        return cls(transformer.to(device), vae, encoder, default_shift=shift)
 
     @property
     def image_condition_type(self) -> str | None:

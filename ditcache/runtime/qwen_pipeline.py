@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ditcache.cache.base import BaseFeatureCache, NoCache
 from ditcache.errors import ParamsError
 from ditcache.runtime.adapters.qwen_image import QwenImageAdapter
-from ditcache.runtime.loading import check_part, part_spec, read_model_index
+from ditcache.runtime.loading import check_part, load_diffusers_model, part_spec, read_model_index
 from ditcache.runtime.pipeline import GenerationOutput, WanPipeline, _as_prompt_list
 from ditcache.runtime.scheduler import FlowMatchSchedule, flow_match_schedule
 
@@ -177,22 +177,17 @@ class QwenImagePipeline:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+        cls, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> "QwenImagePipeline":
         """Load a local diffusers-format Qwen-Image (or Edit-Plus) directory; the encoder only if present."""
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
         root = Path(model_dir)
         index = read_model_index(root)
-        local = {"local_files_only": True}
-        transformer = QwenImageTransformer2DModel.from_pretrained(
-            str(check_part(root, "transformer")), torch_dtype=dtype, **local
-        )
+        transformer = load_diffusers_model(QwenImageTransformer2DModel, check_part(root, "transformer"), dtype)
         vae = None
         if part_spec(index, "vae") is not None:
-            vae = AutoencoderKLQwenImage.from_pretrained(
-                str(check_part(root, "vae")), torch_dtype=torch.float32, **local
-            ).to(device)
+            vae = load_diffusers_model(AutoencoderKLQwenImage, check_part(root, "vae"), torch.float32).to(device)
         encoder = None
         if part_spec(index, "text_encoder") is not None:
             encoder = QwenPromptEncoder.from_pretrained(root, dtype=dtype).to(device)
@@ -205,7 +200,7 @@ class QwenImagePipeline:
                 config.get("base_shift", shift.base_shift),
                 config.get("max_shift", shift.max_shift),
             )
-        return cls(transformer.eval().to(device), vae, encoder, dynamic_shift=shift)
+        return cls(transformer.to(device), vae, encoder, dynamic_shift=shift)
 
     # -- geometry and latents ----------------------------------------------------------------------
 
