@@ -57,6 +57,7 @@ def test_world_one_needs_no_torch_distributed(monkeypatch):
     assert groups.sp.size == groups.cfg.size == groups.replica.size == 1
     x = torch.arange(3.0)
     assert groups.sp.all_gather(x)[0] is x
+    assert torch.equal(groups.world.all_reduce_sum(x), x)
     cfgp = CfgParallel.from_groups(groups, guidance=True)
     assert cfgp.branches == (True, False)
     out = cfgp.combine({True: torch.full((2,), 3.0), False: torch.ones(2)}, guidance_scale=2.0)
@@ -86,6 +87,8 @@ def _probe(rank: int, world: int, cfg_degree: int, sp_degree: int) -> dict:
         # the groups really connect those ranks: gathering the global rank returns the members
         "sp_gathered": tuple(int(t) for t in groups.sp.all_gather(me)),
         "cfg_gathered": tuple(int(t) for t in groups.cfg.all_gather(me)),
+        "sp_sum": int(groups.sp.all_reduce_sum(me)),
+        "world_sum": int(groups.world.all_reduce_sum(me)),
     }
     if cfg_degree == 2:
         cfgp = CfgParallel.from_groups(groups, guidance=True)
@@ -128,6 +131,7 @@ def test_groups_per_rank(world, cfg_degree, sp_degree):
         assert probe["sp"] == probe["sp_gathered"] == sp, rank
         assert probe["cfg"] == probe["cfg_gathered"] == cfg, rank
         assert probe["replica"] == tuple(range(world)), rank
+        assert probe["sp_sum"] == sum(sp) and probe["world_sum"] == sum(range(world)), rank
         if cfg_degree == 2:
             assert probe["gathered"] == [10.0, 4.0]  # (cond, uncond) on every rank
             assert probe["combined"] == [13.0] * 3

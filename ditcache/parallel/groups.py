@@ -64,6 +64,14 @@ class Group:
         self._wait(op, lambda: dist.all_gather(out, tensor, group=self.pg, async_op=True))
         return out
 
+    def all_reduce_sum(self, tensor: torch.Tensor, op: str = "all_reduce") -> torch.Tensor:
+        """Sum of every member's ``tensor`` (a new tensor; the input is left unchanged)."""
+        if self.pg is None:
+            return tensor.clone()
+        out = tensor.clone().contiguous()
+        self._wait(op, lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.pg, async_op=True))
+        return out
+
     def all_to_all(self, tensor: torch.Tensor, op: str = "all_to_all") -> torch.Tensor:
         """Chunk ``i`` of dim 0 goes to member ``i``; chunk ``j`` of the result came from member ``j``."""
         if self.pg is None:
@@ -97,6 +105,7 @@ class ParallelGroups:
     ``cfg``: the ranks running the other CFG branch of the same tokens (size ``cfg_degree``).
     ``sp``: the ranks sharing one token sequence (size ``sp_degree``).
     ``replica``: all ranks serving one request (``cfg x sp``), over which steps are checked.
+    ``world``: every rank (e.g. to pool calibration statistics over replicas and nodes).
     """
 
     config: ParallelConfig
@@ -105,6 +114,7 @@ class ParallelGroups:
     cfg: Group
     sp: Group
     replica: Group
+    world: Group
     device: torch.device
 
     @property
@@ -139,6 +149,7 @@ class ParallelGroups:
             cfg=_single_group("cfg", 0, timeout),
             sp=_single_group("sp", 0, timeout),
             replica=_single_group("replica", 0, timeout),
+            world=_single_group("world", 0, timeout),
             device=torch.device(device),
         )
 
@@ -165,6 +176,7 @@ class ParallelGroups:
             "sp": _new_groups("sp", config.sp_group_ranks(), rank, timeout),
             "cfg": _new_groups("cfg", config.cfg_group_ranks(), rank, timeout),
             "replica": _new_groups("replica", config.replica_group_ranks(), rank, timeout),
+            "world": Group("world", tuple(range(world)), rank, dist.group.WORLD if world > 1 else None, timeout),
         }
         return cls(config=config, rank=rank, coords=config.coords(rank), device=torch.device(device), **groups)
 
