@@ -18,7 +18,7 @@ from ditcache.cache.base import BaseFeatureCache, NoCache
 from ditcache.cache.calibrator import Calibrator
 from ditcache.errors import ParamsError, StepSyncError, UnknownModelError
 from ditcache.runtime.loading import ModelSettings, load_model_dir
-from ditcache.runtime.pipeline import Wan22Pipeline, WanPipeline, pipeline_for
+from ditcache.runtime.pipeline import Wan22Pipeline, WanPipeline, load_pipeline, pipeline_for
 
 STEPS = 8
 SETTINGS = ModelSettings(
@@ -316,6 +316,8 @@ def test_vae_model_dir_loads_and_generates_video(tmp_path, make_tiny_wan):
     assert half.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
     assert half.scale_shift_table.dtype == half.rope.freqs_cos.dtype == torch.float32
     assert torch.equal(half.scale_shift_table, loaded.transformers["transformer"].scale_shift_table)
+    half_out = run(load_pipeline(tmp_path, dtype=torch.bfloat16), prompt="a cat", num_inference_steps=2)
+    assert half_out.frames.shape == (1, 3, 3, 8, 8) and torch.isfinite(half_out.frames).all()
     with pytest.raises(ParamsError, match="num_frames - 1 must be divisible by the VAE's temporal scale 2"):
         run(pipe, prompt="a cat", num_frames=4)
     with pytest.raises(ParamsError, match="height=6 is not divisible by 4"):
@@ -432,3 +434,18 @@ def test_png_grid_layout_and_video_frames(tmp_path):
     assert reader.count_frames() == 4
     with pytest.raises(ParamsError, match="must end in one of"):
         save_frames(digits, tmp_path / "grid.jpg")
+
+
+def test_two_expert_model_dir_loads_as_wan22(tmp_path, make_tiny_wan):
+    index = _write_model_dir(tmp_path, make_tiny_wan)
+    make_tiny_wan(seed=1).save_pretrained(tmp_path / "transformer_2")
+    index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.5)
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    pipe = load_pipeline(tmp_path)
+    assert type(pipe) is Wan22Pipeline and pipe.boundary_ratio == 0.5
+    with pytest.raises(ParamsError, match=r"experts \['transformer_2'\] that WanPipeline would ignore"):
+        WanPipeline.from_pretrained(tmp_path)
+    index.pop("boundary_ratio")
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ParamsError, match="Wan2.2 needs boundary_ratio"):
+        load_pipeline(tmp_path)

@@ -8,12 +8,11 @@ small digit prompt encoder (``ditcache.runtime.reference.DigitPromptEncoder``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 
 
-@runtime_checkable
 class TextEncoder(Protocol):
     """What a pipeline needs from a prompt encoder."""
 
