@@ -287,6 +287,9 @@ def test_from_pretrained_loads_a_local_directory_and_encodes_prompts(tmp_path):
     assert loaded.default_shift == 5.0
     in_memory = HunyuanVideoPipeline(model, prompt_encoder=HunyuanPromptEncoder(llama, tokenizer, clip, tokenizer),
                                      default_shift=5.0)
-    kwargs = dict(prompt_embeds=None, prompt="a red cat", negative_prompt="dog", guidance_scale=2.0,
+    # Two prompts and one negative prompt, which serves both.
+    kwargs = dict(prompt_embeds=None, prompt=["a red cat", "dog"], negative_prompt="a mat", guidance_scale=2.0,
                   enable_ada_taylor_cache=False)
-    assert torch.equal(run(loaded, **kwargs).frames, run(in_memory, **kwargs).frames)
+    out = run(loaded, **kwargs)
+    assert out.frames.shape[0] == 2 and out.branch_steps == {"cond": STEPS, "uncond": STEPS}
+    assert torch.equal(out.frames, run(in_memory, **kwargs).frames)

@@ -289,6 +289,9 @@ def test_from_pretrained_loads_a_local_directory_and_encodes_prompts(tmp_path):
     in_memory = QwenImagePipeline(
         model, vae, QwenPromptEncoder(encoder, tokenizer), dynamic_shift=DynamicShift(4, 64, 0.3, 0.9)
     )
-    kwargs = dict(prompt_embeds=None, negative_prompt_embeds=None, prompt="a red cat", output_type="frames",
+    # Two prompts; the default negative prompt " " serves both.
+    kwargs = dict(prompt_embeds=None, negative_prompt_embeds=None, prompt=["a red cat", "dog"], output_type="frames",
                   num_inference_steps=2, enable_ada_taylor_cache=False)
-    assert torch.equal(run(loaded, **kwargs).frames, run(in_memory, **kwargs).frames)
+    out = run(loaded, **kwargs)
+    assert out.frames.shape == (2, 3, 1, 48, 64) and out.branch_steps == {"cond": 2, "uncond": 2}
+    assert torch.equal(out.frames, run(in_memory, **kwargs).frames)

@@ -181,8 +181,9 @@ class HunyuanVideoPipeline:
     # -- inputs ------------------------------------------------------------------------------------
 
     def _conditioning(
-        self, prompt: str | list[str] | None, embeds: HunyuanPromptEmbeds | None, what: str
+        self, prompt: str | list[str] | None, embeds: HunyuanPromptEmbeds | None, what: str, batch: int = 1
     ) -> HunyuanPromptEmbeds:
+        """Encode ``prompt`` (one prompt is repeated ``batch`` times) unless ``embeds`` are given."""
         model = self.adapter.transformer
         if embeds is None:
             if prompt is None:
@@ -192,7 +193,8 @@ class HunyuanVideoPipeline:
                     f"this pipeline has no prompt encoder (no text_encoder/ in the model directory): pass "
                     f"{what}_embeds=HunyuanPromptEmbeds(...) instead of {what}"
                 )
-            embeds = self.prompt_encoder.encode(_as_prompt_list(prompt, what))
+            prompts = _as_prompt_list(prompt, what)
+            embeds = self.prompt_encoder.encode(prompts * batch if len(prompts) == 1 else prompts)
         return embeds.to(model.device, model.dtype)
 
     def _scale_factors(self) -> tuple[int, int]:
@@ -317,11 +319,12 @@ class HunyuanVideoPipeline:
                 "guidance-distilled; embedded_guidance_scale steers it)",
                 stacklevel=2,
             )
-        uncond = self._conditioning(negative_prompt, negative_prompt_embeds, "negative_prompt") if do_cfg else None
-        if uncond is not None and uncond.embeds.shape[0] != cond.embeds.shape[0]:
-            raise ParamsError(
-                f"{uncond.embeds.shape[0]} negative conditionings for {cond.embeds.shape[0]} prompts"
-            )
+        batch = cond.embeds.shape[0]
+        uncond = None
+        if do_cfg:
+            uncond = self._conditioning(negative_prompt, negative_prompt_embeds, "negative_prompt", batch)
+            if uncond.embeds.shape[0] != batch:
+                raise ParamsError(f"{uncond.embeds.shape[0]} negative conditionings for {batch} prompts")
 
         schedule = flow_match_schedule(num_inference_steps, self.default_shift if sigma_shift is None else sigma_shift)
         cache, params_cache = self._resolve_cache(
@@ -337,7 +340,6 @@ class HunyuanVideoPipeline:
 
         model = self.adapter.transformer
         device, dtype = model.device, model.dtype
-        batch = cond.embeds.shape[0]
         frames, h, w = self._latent_grid(height, width, num_frames)
         kind = self.image_condition_type
         channels = model.config.in_channels if kind != "latent_concat" else (model.config.in_channels - 1) // 2

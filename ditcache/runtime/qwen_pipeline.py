@@ -273,8 +273,14 @@ class QwenImagePipeline:
         return out
 
     def _conditioning(
-        self, prompt: str | list[str] | None, embeds: QwenPromptEmbeds | None, what: str, images: list[Any]
+        self,
+        prompt: str | list[str] | None,
+        embeds: QwenPromptEmbeds | None,
+        what: str,
+        images: list[Any],
+        batch: int = 1,
     ) -> QwenPromptEmbeds:
+        """Encode ``prompt`` (one prompt is repeated ``batch`` times) unless ``embeds`` are given."""
         model = self.adapter.transformer
         if embeds is None:
             if prompt is None:
@@ -284,7 +290,8 @@ class QwenImagePipeline:
                     f"this pipeline has no prompt encoder (no text_encoder/ in the model directory): pass "
                     f"{what}_embeds=QwenPromptEmbeds(...) instead of {what}"
                 )
-            embeds = self.prompt_encoder.encode(_as_prompt_list(prompt, what), images)
+            prompts = _as_prompt_list(prompt, what)
+            embeds = self.prompt_encoder.encode(prompts * batch if len(prompts) == 1 else prompts, images)
         return embeds.to(model.device, model.dtype)
 
     def _resolve_cache(
@@ -376,8 +383,10 @@ class QwenImagePipeline:
         uncond = None
         if do_cfg:
             if negative_prompt is None and negative_prompt_embeds is None:
-                negative_prompt = [" "] * batch
-            uncond = self._conditioning(negative_prompt, negative_prompt_embeds, "negative_prompt", condition_images)
+                negative_prompt = " "
+            uncond = self._conditioning(
+                negative_prompt, negative_prompt_embeds, "negative_prompt", condition_images, batch
+            )
             if uncond.embeds.shape[0] != batch:
                 raise ParamsError(f"{uncond.embeds.shape[0]} negative conditionings for {batch} prompts")
 
