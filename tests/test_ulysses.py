@@ -62,7 +62,9 @@ def _hunyuan(sp: Group, with_mask: bool) -> dict:
     rope = model.rope(torch.zeros(B, 4, n_img, 1, 1))
     x, text, temb = torch.randn(B, n_img, 32), torch.randn(B, TXT, 32), torch.randn(B, 32)
     # what the unsharded model passes: a key mask over [all image tokens, text tokens]
-    mask = torch.cat([torch.ones(B, n_img, dtype=torch.bool), TXT_VALID], dim=1)[:, None, None, :] if with_mask else None
+    mask = None
+    if with_mask:
+        mask = torch.cat([torch.ones(B, n_img, dtype=torch.bool), TXT_VALID], dim=1)[:, None, None, :]
 
     def blocks(h, rotary):
         t = text

@@ -104,9 +104,12 @@ class StepSync:
             wrong = [r for r in rows if bool(r["is_cond"]) != (r["cfg_rank"] == 0)]
             if wrong:
                 said = ", ".join(
-                    f"rank {r['rank']} (cfg rank {r['cfg_rank']}) runs {branch_name(bool(r['is_cond']))}" for r in wrong
+                    f"rank {r['rank']} (cfg rank {r['cfg_rank']}) runs {branch_name(bool(r['is_cond']))}"
+                    for r in wrong
                 )
-                problems.append(f"wrong branch under CFG-parallel, where cfg rank 0 runs cond and 1 uncond ({said})")
+                problems.append(
+                    f"wrong branch under CFG-parallel, where cfg rank 0 runs cond and 1 uncond ({said})"
+                )
         return problems
 
 

@@ -179,9 +179,12 @@ class UlyssesContext:
         """Bool ``[B, 1, 1, keys]`` mask in the joint key order, or None when every key is valid."""
         if self.pad == 0 and img_key_mask is None and txt_key_mask is None:
             return None
-        img = img_key_mask if img_key_mask is not None else torch.ones(batch, self.seq_len, dtype=torch.bool, device=device)
-        img = torch.cat([img, torch.zeros(batch, self.pad, dtype=torch.bool, device=device)], dim=1)
-        txt = txt_key_mask if txt_key_mask is not None else torch.ones(batch, n_txt, dtype=torch.bool, device=device)
+        def ones(n: int) -> torch.Tensor:
+            return torch.ones(batch, n, dtype=torch.bool, device=device)
+
+        img = ones(self.seq_len) if img_key_mask is None else img_key_mask
+        img = torch.cat([img, ~ones(self.pad)], dim=1)
+        txt = ones(n_txt) if txt_key_mask is None else txt_key_mask
         keys = torch.cat([txt, img] if txt_first else [img, txt], dim=1)
         return keys[:, None, None, :]
 
@@ -330,7 +333,8 @@ class UlyssesQwenDoubleStreamAttnProcessor(_UlyssesProcessor):
             p(encoder_hidden_states).unflatten(-1, (-1, head_dim))
             for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
         ]
-        for stream, norm_q, norm_k in ((img, attn.norm_q, attn.norm_k), (txt, attn.norm_added_q, attn.norm_added_k)):
+        norms = ((img, attn.norm_q, attn.norm_k), (txt, attn.norm_added_q, attn.norm_added_k))
+        for stream, norm_q, norm_k in norms:
             if norm_q is not None:
                 stream[0] = norm_q(stream[0])
             if norm_k is not None:
