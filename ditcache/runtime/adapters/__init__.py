@@ -32,14 +32,7 @@ _BUILTIN_MODULES = ("wan", "hunyuan_video", "qwen_image")
 
 def _load_builtins() -> None:
     for name in _BUILTIN_MODULES:
-        module = f"{__name__}.{name}"
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            # A family module that is not part of this install is simply not offered; any other
-            # missing import (a broken dependency inside the module) is a real error.
-            if exc.name != module:
-                raise
+        importlib.import_module(f"{__name__}.{name}")
 
 
 def known_families() -> list[str]:
