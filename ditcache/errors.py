@@ -30,3 +30,7 @@ class CacheStateError(DitCacheError, RuntimeError):
 
 class StepSyncError(DitCacheError, RuntimeError):
     """Ranks that must agree on (branch, step, decision) did not."""
+
+
+class CollectiveError(DitCacheError, RuntimeError):
+    """A collective did not complete in time or failed: a peer rank diverged, raised or died."""

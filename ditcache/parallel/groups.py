@@ -16,14 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ditcache.errors import CacheConfigError, DitCacheError
+from ditcache.errors import CacheConfigError, CollectiveError
 from ditcache.parallel.config import ParallelConfig, RankCoords
 
 DEFAULT_TIMEOUT_S = 120.0
-
-
-class CollectiveError(DitCacheError, RuntimeError):
-    """A collective did not complete in time or failed: a peer rank diverged, raised or died."""
 
 
 @dataclass(frozen=True)
