@@ -105,15 +105,17 @@ def train(
     sigma_range: tuple[float, float] = (0.0, 1.0),
     train_encoder: bool = True,
     desc: str = "train",
-) -> tuple[WanTransformer3DModel, float]:
-    """Rectified-flow training; returns the EMA transformer and the mean loss of the last 100 steps.
+) -> tuple[WanTransformer3DModel, DigitPromptEncoder, float]:
+    """Rectified-flow training; returns the EMA transformer and encoder and the last 100 steps' mean loss.
 
-    The encoder trains jointly (its EMA is not kept: it is small and converges long before the end).
+    The encoder trains jointly unless ``train_encoder`` is off; it is averaged with the transformer
+    so the two EMA halves saw the same weights.
     """
-    params = list(transformer.parameters()) + (list(encoder.parameters()) if train_encoder else [])
+    live = torch.nn.ModuleList([transformer, encoder])
     encoder.requires_grad_(train_encoder)
+    params = [p for p in live.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    ema = copy.deepcopy(transformer).requires_grad_(False)
+    ema = copy.deepcopy(live).requires_grad_(False)
     canonical = [prompt_for_label(k) for k in range(10)]
     recent: list[float] = []
     transformer.train()
@@ -138,13 +140,12 @@ def train(
         # Short-horizon EMA early on, so the average is not dragged by the untrained start.
         decay = min(0.999, (1.0 + step) / (10.0 + step))
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), transformer.parameters()):
+            for p_ema, p in zip(ema.parameters(), live.parameters()):
                 p_ema.lerp_(p, 1.0 - decay)
         recent = (recent + [loss.item()])[-100:]
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    encoder.requires_grad_(False)
-    return ema.eval(), sum(recent) / len(recent)
+    return ema[0].eval(), ema[1].eval(), sum(recent) / len(recent)
 
 
 def sample_accuracy(
@@ -244,7 +245,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "label_dropout": LABEL_DROPOUT,
         "sigma_sampling": "1/3 uniform + 1/3 logit-normal(0,1) + 1/3 uniform shifted by 5",
-        "ema": "min(0.999, (1+n)/(10+n))",
+        "ema": "min(0.999, (1+n)/(10+n)), transformer and encoder",
         "git_commit": git_commit(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -256,7 +257,7 @@ def main() -> None:
         transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
         encoder = DigitPromptEncoder(build_digit_tokenizer(), text_dim=TRANSFORMER_CONFIG["text_dim"])
         lr = 1e-3
-        transformer, loss = train(
+        transformer, encoder, loss = train(
             transformer, encoder, images, labels, steps=steps, lr=lr, warmup=100, **common
         )
         transformers = {"transformer": transformer}
@@ -272,7 +273,7 @@ def main() -> None:
         ranges = {"transformer": (boundary, 1.0), "transformer_2": (0.0, boundary)}
         transformers, losses = {}, {}
         for part, sigma_range in ranges.items():
-            transformers[part], losses[part] = train(
+            transformers[part], _, losses[part] = train(
                 copy.deepcopy(base_model), encoder, images, labels, steps=steps, lr=lr, warmup=20,
                 sigma_range=sigma_range, train_encoder=False, desc=part, **common,
             )  # fmt: skip
