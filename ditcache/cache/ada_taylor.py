@@ -47,6 +47,10 @@ class _BranchState:
 class AdaTaylorCache(BaseFeatureCache):
     """Adaptive skip schedule + Taylor forecast + residual-reuse fallback.
 
+    The plan (which steps compute) is fixed at construction from the params, so every rank builds
+    the same one without communication. Params with a tuned ``compute_steps`` placement for the
+    run's step count use it instead of the threshold rule (``plan_source`` says which).
+
     Args:
         model_type: name of a shipped (or user) params file; alternatively pass ``params`` or the
             explicit curve/settings keywords below.
@@ -62,8 +66,6 @@ class AdaTaylorCache(BaseFeatureCache):
         sigmas: the run's noise level at each step. With params that record their calibration
             sigmas, the curves are mapped by noise level (``resample_by_sigma``), so a curve
             measured at one step count and shift serves another.
-        Params with a tuned ``compute_steps`` placement for this step count use it instead of the
-        threshold rule (``plan_source`` says which); it is a fixed list, so identical on every rank.
         resample: "auto" (sigma rule when both sides have sigmas, else index rule), "index" (the
             anchors' nearest-index rule) or "sigma" (required; an error if sigmas are missing).
         params: an already loaded ``CacheParams``.
