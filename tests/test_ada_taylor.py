@@ -214,3 +214,18 @@ def test_factory():
         create_feature_cache("ada_taylor", model_type="Wan2.1-T2V-1.3B", order=1)
     cal = create_feature_cache("calibrator", num_inference_steps=10, sigma_shift=8.0, model_name="M")
     assert cal.K == 1 and math.isclose(cal.thresh, 0.12)
+
+
+def test_stats_report_plan_next_to_decisions():
+    cache = AdaTaylorCache(model_type="Wan2.1-T2V-1.3B", num_inference_steps=50)
+    for _ in range(50):
+        if cache.should_compute(True):
+            cache.update(torch.ones(1), torch.zeros(1), True)
+        else:
+            cache.approximate(torch.zeros(1), True)
+    st = cache.stats()
+    assert list(st) == ["cond"], "a branch that never ran reports nothing"
+    assert st["cond"]["computed_steps"] == st["cond"]["planned_compute_steps"]
+    assert st["cond"]["num_computed"] + st["cond"]["num_skipped"] == 50
+    assert st["cond"]["taylor_approximations"] + st["cond"]["reuse_approximations"] == st["cond"]["num_skipped"]
+    assert st["cond"]["plan_source"] == "rule" and st["cond"]["resample_rule"] == "index"

@@ -248,8 +248,14 @@ class AdaTaylorCache(BaseFeatureCache):
         return self._branches[bool(is_cond)].step
 
     def stats(self) -> dict[str, dict]:
+        """Per branch that ran: what it did, next to what was planned (they differ only on misuse)."""
         return {
-            branch_name(c): s.stats.as_dict()
+            branch_name(c): {
+                **s.stats.as_dict(),
+                "planned_compute_steps": self.planned_compute_steps(c),
+                "plan_source": self.plan_source,
+                "resample_rule": self.resample_rule,
+            }
             for c, s in sorted(self._branches.items(), reverse=True)
             if s.stats.computed_steps or s.stats.skipped_steps
         }
