@@ -1,0 +1,160 @@
+"""Generate a batch of requests on Ray: one actor per rank, one output file per prompt.
+
+    python launch/ray_generate.py --ranks 2 --prompts-file prompts.txt --output-dir out/
+    python launch/ray_generate.py --address auto --ranks 8 --cfg-parallel 2 --sp 2 --model wan \
+        --model-dir /models/Wan2.1-T2V-1.3B-Diffusers --model-type Wan2.1-T2V-1.3B --prompts-file p.txt
+    ray job submit --working-dir . -- python launch/ray_generate.py --ranks 2 --output-dir /shared/out
+
+Takes every argument of launch/generate.py. The ranks (``--ranks`` = dp x cfg x sp) form
+``--ranks / (cfg x sp)`` replicas; each request (prompt) goes to every rank of one replica, which runs
+generate.py's per-rank code exactly as under ``torchrun``. Without ``--address`` a local Ray cluster
+is started, unless the script runs as a Ray job (``RAY_ADDRESS`` is set), which joins the job's
+cluster. Rank 0 of each replica writes ``<output-dir>/NNN-<prompt>.png|mp4`` on its node; the driver
+prints one summary per request and writes ``<output-dir>/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from copy import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+LAUNCH = Path(__file__).resolve().parent
+REPO = LAUNCH.parent
+sys.path.insert(0, str(LAUNCH))  # generate.py sits next to this file (and puts REPO on the path)
+
+import ray  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import generate  # noqa: E402
+from ditcache.errors import DitCacheError  # noqa: E402
+from ditcache.parallel.config import ParallelConfig  # noqa: E402
+from ditcache.parallel.ray_cluster import (  # noqa: E402
+    DEFAULT_ENTRY,
+    RayJobError,
+    RayRanks,
+    Request,
+    RequestResult,
+    connect,
+)
+
+# Models whose samples are images when --num-frames is not given (others default to video).
+IMAGE_MODELS = (*generate.BUNDLED_MODELS, "qwen_image")
+
+
+@dataclass
+class JobResult:
+    results: list[RequestResult]
+    results_file: Path
+    wall_time_s: float
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = generate.build_parser()
+    parser.description = __doc__
+    # Resolved once connected: the driver may run on a node without the GPUs the ranks get.
+    parser.set_defaults(device=None)
+    ray_group = parser.add_argument_group("ray")
+    ray_group.add_argument("--ranks", "--num-ranks", dest="ranks", type=int, help="default: cfg x sp")
+    ray_group.add_argument("--address", help="join this Ray cluster ('auto', 'ray://host:10001'); default: start one")
+    ray_group.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "ray")
+    ray_group.add_argument("--format", choices=("png", "mp4"), help="default: png for image models or --num-frames 1")
+    ray_group.add_argument(
+        "--request-timeout", type=float, default=600.0,
+        help="seconds a request (on all its ranks) may take, and the limit for placing and starting the ranks",
+    )
+    ray_group.add_argument("--entry", default=DEFAULT_ENTRY, help="per-rank function 'file.py:function' or 'module:function'")
+    return parser
+
+
+def slug(prompt: str, limit: int = 40) -> str:
+    """A file-name-safe form of a prompt: ``"A handwritten 7!"`` -> ``"a-handwritten-7"``."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-") or "prompt"
+
+
+def output_suffix(args: argparse.Namespace) -> str:
+    if args.format is not None:
+        return f".{args.format}"
+    image = args.num_frames == 1 or (args.num_frames is None and args.model in IMAGE_MODELS)
+    return ".png" if image else ".mp4"
+
+
+def make_requests(args: argparse.Namespace, prompts: Sequence[str]) -> list[Request]:
+    """One request per prompt: generate.py's arguments with that prompt and its own output file."""
+    suffix = output_suffix(args)
+    requests = []
+    for i, prompt in enumerate(prompts):
+        rank_args = copy(args)
+        rank_args.prompt, rank_args.prompts_file = [prompt], None
+        rank_args.output = args.output_dir / f"{i:03d}-{slug(prompt)}{suffix}"
+        rank_args.no_progress = True  # the driver shows progress over requests; rank bars would interleave
+        requests.append(Request(prompt, rank_args))
+    return requests
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    # cfg/sp degrees are generate.py's options; absent there, every replica is one rank.
+    cfg, sp = getattr(args, "cfg_parallel", 1) or 1, getattr(args, "sp", 1) or 1
+    return ParallelConfig(cfg_degree=cfg, sp_degree=sp, world_size=args.ranks or cfg * sp)
+
+
+def run(args: argparse.Namespace, *, keep_frames: bool = False) -> JobResult:
+    """Start (or join) the cluster, run every prompt, write results.json; tears everything down.
+
+    Raises :class:`RayJobError` naming the rank when a rank raises, dies or overruns the timeout.
+    """
+    config = parallel_config(args)
+    prompts = generate.read_prompts(args)
+    started = time.monotonic()
+    connected = connect(args.address, config.world_size)
+    try:
+        if args.device is None:
+            args.device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+        requests = make_requests(args, prompts)
+        with (
+            tqdm(total=len(requests), desc="requests", unit="req", disable=args.no_progress) as bar,
+            RayRanks(config, entry=args.entry, use_gpus=args.device.startswith("cuda")) as ranks,
+        ):
+
+            def report(result: RequestResult) -> None:
+                bar.update()
+                bar.write(f"[{result.index:03d}] {result.label!r}: {result.output.summary()} -> {result.path}")
+
+            ranks.start(args.request_timeout)
+            results = ranks.run(requests, timeout_s=args.request_timeout, keep_frames=keep_frames, on_result=report)
+    finally:
+        if connected:
+            ray.shutdown()
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    results_file = args.output_dir / "results.json"
+    results_file.write_text(json.dumps([r.to_json() for r in results], indent=2))
+    return JobResult(results, results_file, time.monotonic() - started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        job = run(args)
+    except RayJobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except DitCacheError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = parallel_config(args)
+    print(
+        f"{len(job.results)} requests on {config.dp_degree} replica(s) x {config.model_parallel_size} rank(s) "
+        f"in {job.wall_time_s:.1f} s ({job.wall_time_s / max(1, len(job.results)):.2f} s/request); "
+        f"wrote {job.results_file}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
