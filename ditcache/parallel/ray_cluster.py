@@ -206,8 +206,11 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, RayTaskError) and exc.cause is not None:
         return f"{type(exc.cause).__name__}: {exc.cause}"
     if isinstance(exc, RayActorError):
-        reason = str(exc).strip().splitlines()
-        return f"its actor process died ({reason[-1].strip() if reason else type(exc).__name__})"
+        # Ray's text: a header, "\tpid: ..."/"\tip: ..." lines, then a paragraph of generic advice.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        where = ", ".join(line for line in lines if line.startswith(("pid:", "ip:")))
+        reason = ". ".join(lines[-1].split(". ")[:2]).rstrip(".") if lines else type(exc).__name__
+        return f"its actor process died ({reason}{'; ' + where if where else ''})"
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -1,0 +1,177 @@
+"""The Ray launcher (launch/ray_generate.py) on one local Ray cluster: same output as generate.py,
+and a rank that raises, dies or hangs fails the job with a message naming it, within the timeout."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from conftest import tiny_wan  # noqa: E402
+from ditcache.models import REFERENCE_DIGITS  # noqa: E402
+
+LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+PROMPTS = ["a cat", "a dog"]  # the word-level tokenizer of the tiny model directory knows these words
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, LAUNCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+ray_generate = _load("ray_generate")
+generate = sys.modules["generate"]  # imported by ray_generate from launch/
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    """One local 2-CPU cluster for the module (short temp dir: Ray's socket paths have a length limit)."""
+    temp_dir = tempfile.mkdtemp(prefix="rt_", dir="/tmp")
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    yield
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE")
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _write_tiny_model_dir(root: Path) -> None:
+    """A diffusers-format Wan directory: tiny random transformer, UMT5, word tokenizer, Wan VAE."""
+    from diffusers import AutoencoderKLWan
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    tiny_wan().save_pretrained(root / "transformer")
+    torch.manual_seed(0)
+    AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=2, scale_factor_spatial=2,
+    ).save_pretrained(root / "vae")
+    UMT5EncoderModel(
+        UMT5Config(vocab_size=16, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    ).save_pretrained(root / "text_encoder")
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "cat": 4, "dog": 5}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(root / "tokenizer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"shift": 3.0}))
+    index = {
+        "_class_name": "WanPipeline",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "ditcache": {"height": 8, "width": 8, "num_frames": 1, "default_steps": 8},
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture(scope="module")
+def model_args(tmp_path_factory) -> list[str]:
+    """The bundled reference model once it is trained, else a tiny random model directory; 8 steps,
+    cache on (shipped Wan2.1 params for the tiny model) so the telemetry has skipped steps."""
+    common = ["--steps", "8", "--no-progress"]
+    if (REFERENCE_DIGITS / "model_index.json").is_file():
+        return ["--model", "reference", *common]
+    root = tmp_path_factory.mktemp("tiny-wan")
+    _write_tiny_model_dir(root)
+    return ["--model", "wan", "--model-dir", str(root), "--model-type", "Wan2.1-T2V-1.3B", "--num-frames", "1", *common]
+
+
+def _prompts(args: list[str], prompts: list[str]) -> list[str]:
+    return [*args, *(a for p in prompts for a in ("--prompt", p))]
+
+
+def _placement_released() -> bool:
+    """Every placement group removed and both CPUs free again (teardown is asynchronous)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        groups = ray.util.placement_group_table().values()
+        if all(g["state"] == "REMOVED" for g in groups) and ray.available_resources().get("CPU") == 2:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_two_actor_job_matches_single_process_runs(model_args, tmp_path):
+    # Until generate.py has --cfg-parallel the two actors are two replicas, one request each.
+    args = ray_generate.build_parser().parse_args(
+        _prompts([*model_args, "--ranks", "2", "--output-dir", str(tmp_path / "ray")], PROMPTS)
+    )
+    job = ray_generate.run(args, keep_frames=True)
+    assert [r.label for r in job.results] == PROMPTS and {r.replica for r in job.results} == {0, 1}
+    assert [Path(r.path).name for r in job.results] == ["000-a-cat.png", "001-a-dog.png"]
+    written = json.loads(job.results_file.read_text())
+
+    for i, (prompt, result) in enumerate(zip(PROMPTS, job.results)):
+        single = generate.run(generate.build_parser().parse_args([*model_args, "--prompt", prompt, "--output", str(tmp_path / f"{i}.png")]))
+        torch.testing.assert_close(result.output.frames, single.output.frames, atol=1e-4, rtol=0)
+        assert result.output.stack_passes == single.output.stack_passes
+        assert result.output.cache_stats == single.output.cache_stats
+        assert written[i]["summary"] == result.output.summary() and written[i]["path"] == result.path
+        assert written[i]["stack_passes"] == single.output.stack_passes
+        assert Path(result.path).stat().st_size > 0
+    # the cache did something, and the telemetry says so
+    assert "4 skipped" in job.results[0].output.summary()
+    assert _placement_released()
+
+
+FAULTY_ENTRY = '''
+import os, time
+from ditcache.parallel.ray_cluster import load_entry
+
+def run(args):
+    # the last rank of the world serving the "boom" request fails; every other rank generates
+    if args.prompt == ["a boom"] and os.environ["RANK"] == str(int(os.environ["WORLD_SIZE"]) - 1):
+        {fault}
+    return load_entry("launch/generate.py:run")(args)
+'''
+FAULTS = {
+    "raise": ('raise ValueError("exploded on purpose")', "rank 1 failed on request 1 ('a boom'): ValueError: exploded on purpose"),
+    "exit": ("os._exit(1)", "rank 1 failed on request 1 ('a boom'): its actor process died"),
+    "hang": ("time.sleep(3600)", "request 1 ('a boom') did not finish within 20 s: rank(s) [1] still running"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_failing_rank_fails_the_job_naming_it(fault, model_args, tmp_path, capsys):
+    code, message = FAULTS[fault]
+    entry = tmp_path / "faulty.py"
+    entry.write_text(textwrap.dedent(FAULTY_ENTRY).replace("{fault}", code))
+    timeout = 20
+    argv = _prompts(
+        [*model_args, "--ranks", "2", "--output-dir", str(tmp_path / "out"), "--entry", f"{entry}:run",
+         "--request-timeout", str(timeout)],
+        ["a cat", "a boom"],
+    )
+    started = time.monotonic()
+    assert ray_generate.main(argv) == 1
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "results.json").exists()
+    # a dead or raising rank is reported at once, a hanging one at the deadline (plus actor startup)
+    assert elapsed < (timeout + 15 if fault == "hang" else timeout), elapsed
+    assert _placement_released()
