@@ -4,6 +4,7 @@ Nothing here imports xfuser; everything runs on gloo (CPU) or nccl (GPU), and on
 ``torch.distributed`` at all (:meth:`ParallelGroups.single`).
 """
 
+from ditcache.parallel.calibration import pool_calibration
 from ditcache.parallel.cfg import CfgParallel, combine_guidance
 from ditcache.parallel.config import MESH_DIM_NAMES, ParallelConfig, RankCoords
 from ditcache.parallel.groups import (
@@ -42,6 +43,7 @@ __all__ = [
     "destroy_parallel",
     "gather_tokens",
     "init_parallel",
+    "pool_calibration",
     "remove_ulysses",
     "shard_tokens",
 ]

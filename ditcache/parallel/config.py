@@ -77,6 +77,11 @@ class ParallelConfig:
         """Shape of the ``(dp, cfg, sp)`` mesh."""
         return (self.dp_degree, self.cfg_degree, self.sp_degree)
 
+    @property
+    def layout(self) -> str:
+        """The layout in words, e.g. ``"cfg 2 x sp 2 x dp 1 (4 ranks)"``."""
+        return f"cfg {self.cfg_degree} x sp {self.sp_degree} x dp {self.dp_degree} ({self.world_size} ranks)"
+
     def coords(self, rank: int) -> RankCoords:
         """Mesh coordinates of global ``rank``."""
         if not 0 <= rank < self.world_size:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,6 +61,19 @@ class Group:
         out = [torch.empty_like(tensor) for _ in self.ranks]
         self._wait(op, lambda: dist.all_gather(out, tensor, group=self.pg, async_op=True))
         return out
+
+    def all_gather_object(self, obj: Any, device: torch.device, op: str = "all_gather_object") -> list[Any]:
+        """Every member's picklable ``obj``, in group-rank order. Sent as bytes through the timed
+        :meth:`all_gather` (``device`` must suit the backend), so a missing peer is an error, not a hang."""
+        if self.pg is None:
+            return [obj]
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        sizes = self.all_gather(torch.tensor([data.numel()], device=device), op=f"{op} (sizes)")
+        lengths = [int(s) for s in sizes]
+        padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+        padded[: data.numel()] = data.to(device)
+        chunks = self.all_gather(padded, op=op)
+        return [pickle.loads(chunk[:n].cpu().numpy().tobytes()) for chunk, n in zip(chunks, lengths)]
 
     def all_reduce_sum(self, tensor: torch.Tensor, op: str = "all_reduce") -> torch.Tensor:
         """Sum of every member's ``tensor`` (a new tensor; the input is left unchanged)."""

@@ -102,6 +102,18 @@ class UlyssesContext:
             )
         return shard_tokens(x, dim, self.group)[0]
 
+    def local_count(self, n: int) -> int:
+        """How many of the first ``n`` tokens of the full sequence lie in this rank's shard.
+
+        Shards are contiguous, so those tokens are always a prefix of the shard: ``local_count(seq_len)``
+        is the number of real (non-padding) local tokens, and a leading block of the sequence (e.g.
+        HunyuanVideo's first-frame tokens) is the first ``local_count(block)`` local tokens.
+        """
+        self._require_layout()
+        local = (self.seq_len + self.pad) // self.group.size
+        start = self.group.rank * local
+        return max(0, min(local, min(n, self.seq_len) - start))
+
     def gather(self, local: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Full sequence of the last sharded layout on every rank, padding removed."""
         self._require_layout()

@@ -22,14 +22,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from ditcache.cache.base import BaseFeatureCache, NoCache
+from ditcache.cache.base import BaseFeatureCache
 from ditcache.errors import ParamsError
+from ditcache.parallel import ParallelGroups
 from ditcache.runtime.adapters.hunyuan_video import HunyuanVideoAdapter
+from ditcache.runtime.denoise import (
+    DenoisingPipeline,
+    GenerationOutput,
+    as_prompt_list,
+    params_cache_options,
+)
 from ditcache.runtime.loading import check_part, load_diffusers_model, part_spec, read_model_index
-from ditcache.runtime.pipeline import GenerationOutput, WanPipeline, _as_prompt_list
-from ditcache.runtime.scheduler import FlowMatchSchedule, flow_match_schedule
+from ditcache.runtime.scheduler import flow_match_schedule
 
 EXPERT = "transformer"
 
@@ -128,11 +133,13 @@ class HunyuanPromptEncoder(torch.nn.Module):
         return HunyuanPromptEmbeds(hidden[:, crop:], tokens.attention_mask[:, crop:], pooled)
 
 
-class HunyuanVideoPipeline:
+class HunyuanVideoPipeline(DenoisingPipeline):
     """HunyuanVideo T2V / I2V (``latent_concat`` or ``token_replace`` checkpoints) with a feature cache.
 
     ``vae`` (AutoencoderKLHunyuanVideo) is needed to decode frames and to encode an I2V ``image``;
     without one, requests return latents (``output_type="latent"``) and I2V takes ``image_latents``.
+    ``parallel`` is this rank's process groups (CFG-parallel needs real CFG, i.e. a negative prompt);
+    None = one process.
     """
 
     def __init__(
@@ -142,16 +149,22 @@ class HunyuanVideoPipeline:
         prompt_encoder: HunyuanPromptEncoder | None = None,
         *,
         default_shift: float = 7.0,
+        parallel: ParallelGroups | None = None,
     ) -> None:
         self.adapter = HunyuanVideoAdapter(transformer)
-        self.adapters = {EXPERT: self.adapter}
+        super().__init__({EXPERT: self.adapter}, parallel)
         self.vae = vae
         self.prompt_encoder = prompt_encoder
         self.default_shift = default_shift
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        parallel: ParallelGroups | None = None,
     ) -> "HunyuanVideoPipeline":
         """Load a local diffusers-format HunyuanVideo directory; the prompt encoders only if present."""
         from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
@@ -172,7 +185,7 @@ class HunyuanVideoPipeline:
         if part_spec(index, "scheduler") is not None:
             config = json.loads((check_part(root, "scheduler") / "scheduler_config.json").read_text())
             shift = float(config.get("shift", shift))
-        return cls(transformer.to(device), vae, encoder, default_shift=shift)
+        return cls(transformer.to(device), vae, encoder, default_shift=shift, parallel=parallel)
 
     @property
     def image_condition_type(self) -> str | None:
@@ -193,7 +206,7 @@ class HunyuanVideoPipeline:
                     f"this pipeline has no prompt encoder (no text_encoder/ in the model directory): pass "
                     f"{what}_embeds=HunyuanPromptEmbeds(...) instead of {what}"
                 )
-            prompts = _as_prompt_list(prompt, what)
+            prompts = as_prompt_list(prompt, what)
             embeds = self.prompt_encoder.encode(prompts * batch if len(prompts) == 1 else prompts)
         return embeds.to(model.device, model.dtype)
 
@@ -236,36 +249,6 @@ class HunyuanVideoPipeline:
             )
         return image_latents.float().expand(batch, -1, -1, -1, -1)
 
-    def _resolve_cache(
-        self,
-        feature_cache: BaseFeatureCache | None,
-        enable_ada_taylor_cache: bool,
-        model_type: str | None,
-        schedule: FlowMatchSchedule,
-        n_derivatives: int,
-        taylor_threshold: int,
-    ) -> tuple[BaseFeatureCache, bool]:
-        """The request's cache and whether it is the params-driven AdaTaylorCache."""
-        if feature_cache is not None:
-            if not isinstance(feature_cache, BaseFeatureCache):
-                raise ParamsError(f"feature_cache must be a BaseFeatureCache, got {type(feature_cache).__name__}")
-            return feature_cache, False
-        if not enable_ada_taylor_cache:
-            return NoCache(), False
-        from ditcache.cache.factory import create_feature_cache
-
-        default_type = "HunyuanVideo-I2V" if self.image_condition_type else "HunyuanVideo-T2V"
-        cache = create_feature_cache(
-            "ada_taylor",
-            model_type=model_type or default_type,
-            num_inference_steps=schedule.num_steps,
-            # The run's sigmas let the cache map a curve by noise level rather than by step index.
-            sigmas=schedule.sigmas[:-1].tolist(),
-            n_derivatives=n_derivatives,
-            taylor_threshold=taylor_threshold,
-        )
-        return cache, True
-
     # -- the request -------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -286,6 +269,7 @@ class HunyuanVideoPipeline:
         model_type: str | None = None,
         feature_cache: BaseFeatureCache | None = None,
         *,
+        calibrator: BaseFeatureCache | None = None,
         embedded_guidance_scale: float = 6.0,
         prompt_embeds: HunyuanPromptEmbeds | None = None,
         negative_prompt_embeds: HunyuanPromptEmbeds | None = None,
@@ -299,8 +283,9 @@ class HunyuanVideoPipeline:
         ``guidance_scale`` is real CFG: it runs the unconditional branch only with a negative prompt
         (or ``negative_prompt_embeds``) and a scale > 1. ``embedded_guidance_scale`` feeds the
         guidance embedding of distilled checkpoints (ignored by others). The cache is
-        ``feature_cache`` if given, else an AdaTaylorCache from ``model_type``'s params (default
-        HunyuanVideo-T2V / -I2V) when ``enable_ada_taylor_cache``, else none; it is reset first.
+        ``calibrator`` (measures, never skips), else ``feature_cache`` if given, else an
+        AdaTaylorCache from ``model_type``'s params (default HunyuanVideo-T2V / -I2V) when
+        ``enable_ada_taylor_cache``, else none; it is reset first.
         ``output_type="latent"`` returns the latents in ``frames`` (no VAE needed).
         """
         start = time.perf_counter()
@@ -327,23 +312,19 @@ class HunyuanVideoPipeline:
                 raise ParamsError(f"{uncond.embeds.shape[0]} negative conditionings for {batch} prompts")
 
         schedule = flow_match_schedule(num_inference_steps, self.default_shift if sigma_shift is None else sigma_shift)
-        cache, params_cache = self._resolve_cache(
-            feature_cache,
-            enable_ada_taylor_cache,
-            model_type,
-            schedule,
+        ada_taylor = params_cache_options(
+            enable_ada_taylor_cache and calibrator is None and feature_cache is None,
+            model_type or ("HunyuanVideo-I2V" if self.image_condition_type else "HunyuanVideo-T2V"),
             ada_taylor_n_derivatives,
             ada_taylor_taylor_threshold,
         )
-        cache.reset()
-        self.adapter.reset_counters()
 
         model = self.adapter.transformer
         device, dtype = model.device, model.dtype
         frames, h, w = self._latent_grid(height, width, num_frames)
         kind = self.image_condition_type
         channels = model.config.in_channels if kind != "latent_concat" else (model.config.in_channels - 1) // 2
-        # Noise is drawn on the CPU so a seed gives the same sample on every device.
+        # Noise is drawn on the CPU so a seed gives the same sample on every device (and every rank).
         generator = torch.Generator("cpu").manual_seed(seed)
         latents = torch.randn((batch, channels, frames, h, w), generator=generator).to(device)
         first_frame = concat_tail = None
@@ -363,54 +344,47 @@ class HunyuanVideoPipeline:
         if self.adapter.uses_embedded_guidance:
             guidance = torch.full((batch,), embedded_guidance_scale * 1000.0, device=device, dtype=dtype)
 
-        for step in tqdm(range(schedule.num_steps), desc="denoising", disable=not progress):
-            timestep = schedule.timesteps[step].to(device).expand(batch)
+        def model_input(x: torch.Tensor, step: int) -> torch.Tensor:
             if kind == "latent_concat":
-                model_input = torch.cat([latents, concat_tail], dim=1)
+                x = torch.cat([x, concat_tail], dim=1)
             elif kind == "token_replace":
-                model_input = torch.cat([first_frame, latents[:, :, 1:]], dim=2)
-            else:
-                model_input = latents
-            model_input = model_input.to(dtype)
-            velocity = self._predict(model_input, timestep, cond, guidance, True, cache, step)
-            if uncond is not None:
-                negative = self._predict(model_input, timestep, uncond, guidance, False, cache, step)
-                velocity = negative + guidance_scale * (velocity - negative)
-            if kind == "token_replace":
-                # The first frame is the given image, not a sample: only the rest is integrated.
-                rest = schedule.step(latents[:, :, 1:], velocity[:, :, 1:], step)
-                latents = torch.cat([first_frame, rest], dim=2)
-            else:
-                latents = schedule.step(latents, velocity, step)
+                x = torch.cat([first_frame, x[:, :, 1:]], dim=2)
+            return x.to(dtype)
+
+        def integrate(x: torch.Tensor, velocity: torch.Tensor, step: int) -> torch.Tensor:
+            if kind != "token_replace":
+                return schedule.step(x, velocity, step)
+            # The first frame is the given image, not a sample: only the rest is integrated.
+            return torch.cat([first_frame, schedule.step(x[:, :, 1:], velocity[:, :, 1:], step)], dim=2)
+
+        def text_inputs(text: HunyuanPromptEmbeds) -> dict[str, Any]:
+            return dict(
+                encoder_hidden_states=text.embeds,
+                encoder_attention_mask=text.mask,
+                pooled_projections=text.pooled,
+                guidance=guidance,
+            )
+
+        texts = {True: cond} if uncond is None else {True: cond, False: uncond}
+        request = self._new_request(
+            schedule,
+            [EXPERT] * schedule.num_steps,
+            guidance_scale,
+            {is_cond: text_inputs(text) for is_cond, text in texts.items()},
+            feature_cache=feature_cache,
+            calibrator=calibrator,
+            ada_taylor=ada_taylor,
+            model_input=model_input,
+            timestep=lambda step: schedule.timesteps[step].to(device).expand(batch),
+            integrate=integrate,
+        )
+        latents = self._denoise(request, latents, progress)
 
         if output_type == "latent":
             result = latents[:, :, 1:] if kind == "latent_concat" else latents
         else:
             result = self._decode(latents, drop_first_frames=kind == "latent_concat")
-        return self._report(result, cache, schedule, do_cfg, params_cache, time.perf_counter() - start)
-
-    def _predict(
-        self,
-        model_input: torch.Tensor,
-        timestep: torch.Tensor,
-        text: HunyuanPromptEmbeds,
-        guidance: torch.Tensor | None,
-        is_cond: bool,
-        cache: BaseFeatureCache,
-        step: int,
-    ) -> torch.Tensor:
-        velocity = self.adapter(
-            model_input,
-            timestep,
-            text.embeds,
-            encoder_attention_mask=text.mask,
-            pooled_projections=text.pooled,
-            guidance=guidance,
-            is_cond=is_cond,
-            cache=cache,
-        )
-        WanPipeline._check_step(cache, EXPERT, is_cond, step)
-        return velocity.float()
+        return self._report(request, result, time.perf_counter() - start)
 
     def _decode(self, latents: torch.Tensor, drop_first_frames: bool) -> torch.Tensor:
         """Latents -> frames ``[B, 3, F, H, W]`` in [0, 1]."""
@@ -420,31 +394,3 @@ class HunyuanVideoPipeline:
             # latent_concat checkpoints spend the first latent frame (4 video frames) on the image.
             video = video[:, :, self._scale_factors()[0] :]
         return (video.float() / 2 + 0.5).clamp(0, 1).cpu()
-
-    def _report(
-        self,
-        result: torch.Tensor,
-        cache: BaseFeatureCache,
-        schedule: FlowMatchSchedule,
-        do_cfg: bool,
-        params_cache: bool,
-        wall: float,
-    ) -> GenerationOutput:
-        steps = schedule.num_steps
-        output = GenerationOutput(
-            frames=result,
-            cache_stats={EXPERT: cache.stats()},
-            stack_passes={EXPERT: dict(self.adapter.stack_passes)},
-            branch_steps={name: steps for name in (["cond", "uncond"] if do_cfg else ["cond"])},
-            expert_steps={EXPERT: list(range(steps))},
-            cache_memory_bytes={EXPERT: cache.memory_bytes()},
-            sigmas=schedule.sigmas.tolist(),
-            timesteps=schedule.timesteps.tolist(),
-            wall_time_s=wall,
-        )
-        if params_cache and output.total_stack_passes() == output.branch_steps:
-            warnings.warn(
-                f"AdaTaylorCache is enabled but skipped no step at {steps} steps: check the params or raise thresh",
-                stacklevel=3,
-            )
-        return output

@@ -3,71 +3,36 @@
 Per denoising step the conditional and the unconditional branch are two separate adapter calls, each
 with ``is_cond`` set, because a feature cache keeps per-branch state (curve, counter, residuals);
 with guidance off the unconditional branch never runs. Every request starts from a reset cache, so
-back-to-back requests give the same result as fresh ones.
+back-to-back requests give the same result as fresh ones. The loop, the caches and the parallel
+layout (CFG-parallel, Ulysses SP) are the shared core of ``ditcache.runtime.denoise``.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from ditcache.cache.base import BaseFeatureCache, NoCache, branch_name
-from ditcache.errors import ParamsError, StepSyncError
+from ditcache.cache.base import BaseFeatureCache
+from ditcache.errors import ParamsError
+from ditcache.parallel import ParallelGroups
 from ditcache.runtime.adapters import FamilyAdapter, adapter_for
+from ditcache.runtime.denoise import (
+    DenoisingPipeline,
+    GenerationOutput,
+    as_prompt_list,
+    params_cache_options,
+)
 from ditcache.runtime.loading import LoadedModel, ModelSettings, load_model_dir
 from ditcache.runtime.scheduler import FlowMatchSchedule, flow_match_schedule
 from ditcache.runtime.text_encoders import TextEncoder
 
+__all__ = ["GenerationOutput", "Wan22Pipeline", "WanPipeline", "load_pipeline", "pipeline_for"]
+
 HIGH_NOISE, LOW_NOISE = "transformer", "transformer_2"
-
-
-@dataclass
-class GenerationOutput:
-    """Result and telemetry of one request.
-
-    ``frames`` is ``[B, C, F, H, W]`` float in [0, 1]. ``cache_stats`` and ``stack_passes`` are keyed
-    by expert ("transformer", and "transformer_2" for Wan2.2) and then by branch ("cond", "uncond");
-    ``stack_passes`` counts real block-stack runs, ``branch_steps`` the steps each branch was asked for.
-    """
-
-    frames: torch.Tensor
-    cache_stats: dict[str, dict[str, dict]]
-    stack_passes: dict[str, dict[str, int]]
-    branch_steps: dict[str, int]
-    expert_steps: dict[str, list[int]]
-    cache_memory_bytes: dict[str, int]
-    sigmas: list[float]
-    timesteps: list[float]
-    wall_time_s: float
-
-    def total_stack_passes(self) -> dict[str, int]:
-        """Block-stack runs per branch, summed over experts."""
-        totals: dict[str, int] = {name: 0 for name in self.branch_steps}
-        for per_branch in self.stack_passes.values():
-            for name, count in per_branch.items():
-                totals[name] = totals.get(name, 0) + count
-        return totals
-
-    def summary(self) -> str:
-        """One line: steps computed/skipped per branch, block passes saved, wall time."""
-        passes = self.total_stack_passes()
-        parts = [
-            f"{name}: {passes[name]} computed / {steps - passes[name]} skipped"
-            for name, steps in self.branch_steps.items()
-        ]
-        asked, ran = sum(self.branch_steps.values()), sum(passes.values())
-        ratio = f", {asked / ran:.2f}x fewer" if ran else ""
-        return (
-            f"{len(self.timesteps)} steps | {' | '.join(parts)} | block passes {ran}/{asked} "
-            f"(saved {asked - ran}{ratio}) | {self.wall_time_s:.2f} s"
-        )
 
 
 @dataclass
@@ -81,25 +46,18 @@ class _Request:
     seed: int
     latent_shape: tuple[int, ...]
     experts: list[str]  # expert name per step
-    caches: dict[str, BaseFeatureCache | None] = field(default_factory=dict)
 
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
 
-def _as_prompt_list(prompt: str | list[str], what: str) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ParamsError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
-    return prompts
-
-
-class WanPipeline:
+class WanPipeline(DenoisingPipeline):
     """Wan2.1 text-to-video (or text-to-image with ``num_frames=1``) with a feature cache.
 
     ``latent_space`` "pixel" (no VAE: the model denoises pixels in [-1, 1]; decoding is a clamp) or
-    "vae" (AutoencoderKLWan latents) comes from the model directory's settings.
+    "vae" (AutoencoderKLWan latents) comes from the model directory's settings. ``parallel`` is this
+    rank's process groups (see :class:`~ditcache.runtime.denoise.DenoisingPipeline`); None = one process.
     """
 
     expert_names: tuple[str, ...] = (HIGH_NOISE,)
@@ -110,36 +68,44 @@ class WanPipeline:
         text_encoder: TextEncoder,
         settings: ModelSettings,
         vae: torch.nn.Module | None = None,
+        *,
+        parallel: ParallelGroups | None = None,
     ) -> None:
         missing = [name for name in self.expert_names if name not in transformers]
         if missing:
             raise ParamsError(f"{type(self).__name__} needs the parts {list(self.expert_names)}; missing {missing}")
-        self.adapters: dict[str, FamilyAdapter] = {name: adapter_for(transformers[name]) for name in self.expert_names}
-        for name, adapter in self.adapters.items():
+        adapters: dict[str, FamilyAdapter] = {name: adapter_for(transformers[name]) for name in self.expert_names}
+        for name, adapter in adapters.items():
             if adapter.family != "wan":
                 raise ParamsError(f"{type(self).__name__} runs Wan transformers; {name} is a {adapter.family} model")
         if settings.latent_space == "vae" and vae is None:
             raise ParamsError("latent_space 'vae' needs a vae; pass one or use a pixel-space model")
+        super().__init__(adapters, parallel)
         self.text_encoder = text_encoder
         self.settings = settings
         self.vae = vae
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel) -> "WanPipeline":
+    def from_loaded(cls, loaded: LoadedModel, *, parallel: ParallelGroups | None = None) -> "WanPipeline":
         extra = sorted(set(loaded.transformers) - set(cls.expert_names))
         if extra:
             raise ParamsError(
                 f"{loaded.path} has the experts {extra} that {cls.__name__} would ignore; "
                 "use Wan22Pipeline (or load_pipeline, which picks the class)"
             )
-        return cls(loaded.transformers, loaded.text_encoder, loaded.settings, loaded.vae)
+        return cls(loaded.transformers, loaded.text_encoder, loaded.settings, loaded.vae, parallel=parallel)
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        parallel: ParallelGroups | None = None,
     ) -> "WanPipeline":
         """Load a local diffusers-format directory (see ``ditcache.runtime.loading``)."""
-        return cls.from_loaded(load_model_dir(model_dir, device=device, dtype=dtype))
+        return cls.from_loaded(load_model_dir(model_dir, device=device, dtype=dtype), parallel=parallel)
 
     # -- geometry ---------------------------------------------------------------------------------
 
@@ -177,56 +143,10 @@ class WanPipeline:
             raise ParamsError(f"{latent_frames} latent frames are not divisible by the temporal patch size {p_t}")
         return (batch, config.in_channels, latent_frames, height // s_s, width // s_s)
 
-    # -- experts and caches -----------------------------------------------------------------------
+    # -- experts ----------------------------------------------------------------------------------
 
     def _experts_per_step(self, schedule: FlowMatchSchedule) -> list[str]:
         return [HIGH_NOISE] * schedule.num_steps
-
-    def _build_caches(
-        self,
-        experts: list[str],
-        schedule: FlowMatchSchedule,
-        feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache] | None,
-        calibrator: BaseFeatureCache | None,
-        ada_taylor: dict[str, Any] | None,
-    ) -> dict[str, BaseFeatureCache | None]:
-        """One cache per expert that runs; see ``__call__`` for the precedence of the arguments."""
-        num_steps = schedule.num_steps
-        used = list(dict.fromkeys(experts))
-        first_step = {name: experts.index(name) for name in used}
-        if calibrator is not None:
-            if feature_cache is not None:
-                raise ParamsError("pass either feature_cache= or calibrator=, not both")
-            calibrated_steps = getattr(calibrator, "num_inference_steps", num_steps)
-            if calibrated_steps != num_steps:
-                raise ParamsError(
-                    f"the calibrator was built for {calibrated_steps} steps but the request has {num_steps}"
-                )
-            # One object for every expert: its curve spans the expert switch.
-            return {name: calibrator for name in used}
-        if feature_cache is not None:
-            return self._user_caches(feature_cache, used)
-        if ada_taylor is None:
-            # NoCache has no residual to carry across an expert switch, so one counter spans all experts.
-            no_cache = NoCache()
-            return {name: no_cache for name in used}
-        from ditcache.cache.factory import create_feature_cache
-
-        # The run's sigmas let the cache resample a curve by noise level rather than by step index.
-        sigmas = schedule.sigmas[:-1].tolist()
-        return {
-            name: create_feature_cache(
-                "ada_taylor", num_inference_steps=num_steps, init_step=first_step[name], sigmas=sigmas, **ada_taylor
-            )
-            for name in used
-        }
-
-    def _user_caches(
-        self, feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache], used: list[str]
-    ) -> dict[str, BaseFeatureCache]:
-        if isinstance(feature_cache, BaseFeatureCache):
-            return {name: feature_cache for name in used}
-        raise ParamsError(f"feature_cache must be a BaseFeatureCache, got {type(feature_cache).__name__}")
 
     # -- the request ------------------------------------------------------------------------------
 
@@ -243,11 +163,11 @@ class WanPipeline:
         num_frames: int | None,
     ) -> _Request:
         settings = self.settings
-        prompts = _as_prompt_list(prompt, "prompt")
+        prompts = as_prompt_list(prompt, "prompt")
         if negative_prompt is None:
             negatives = [""] * len(prompts)
         else:
-            negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+            negatives = as_prompt_list(negative_prompt, "negative_prompt")
             if len(negatives) == 1:
                 negatives = negatives * len(prompts)
             elif len(negatives) != len(prompts):
@@ -302,66 +222,38 @@ class WanPipeline:
         request = self._prepare(
             prompt, negative_prompt, num_inference_steps, guidance_scale, sigma_shift, seed, height, width, num_frames
         )
-        ada_taylor = None
-        if enable_ada_taylor_cache and calibrator is None and feature_cache is None:
-            resolved_type = model_type or self.settings.model_type
-            if resolved_type is None:
-                raise ParamsError(
-                    "enable_ada_taylor_cache needs model_type= (no params model_type in the model directory)"
-                )
-            ada_taylor = dict(
-                model_type=resolved_type,
-                n_derivatives=ada_taylor_n_derivatives,
-                taylor_threshold=ada_taylor_taylor_threshold,
-            )
-        request.caches = self._build_caches(request.experts, request.schedule, feature_cache, calibrator, ada_taylor)
-        for cache in {id(c): c for c in request.caches.values() if c is not None}.values():
-            cache.reset()
-        for adapter in self.adapters.values():
-            adapter.reset_counters()
-
-        latents = self._denoise(request, progress)
-        frames = self._decode(latents)
-        return self._report(request, frames, time.perf_counter() - start, enabled=ada_taylor is not None)
+        ada_taylor = params_cache_options(
+            enable_ada_taylor_cache and calibrator is None and feature_cache is None,
+            model_type or self.settings.model_type,
+            ada_taylor_n_derivatives,
+            ada_taylor_taylor_threshold,
+        )
+        model = self._model
+        device, dtype = model.device, model.dtype
+        batch = len(request.prompts)
+        branch_inputs = {True: {"encoder_hidden_states": self._encode(request.prompts, dtype, device)}}
+        if request.do_cfg:
+            branch_inputs[False] = {"encoder_hidden_states": self._encode(request.negative_prompts, dtype, device)}
+        schedule = request.schedule
+        loop = self._new_request(
+            schedule,
+            request.experts,
+            request.guidance_scale,
+            branch_inputs,
+            feature_cache=feature_cache,
+            calibrator=calibrator,
+            ada_taylor=ada_taylor,
+            model_input=lambda latents, step: latents.to(dtype),
+            timestep=lambda step: schedule.timesteps[step].to(device).expand(batch),
+        )
+        # Noise is drawn on the CPU so a seed gives the same sample on every device (and every rank).
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        latents = torch.randn(request.latent_shape, generator=generator, dtype=torch.float32).to(device)
+        latents = self._denoise(loop, latents, progress)
+        return self._report(loop, self._decode(latents), time.perf_counter() - start)
 
     def _encode(self, prompts: list[str], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self.text_encoder.encode(prompts).to(device=device, dtype=dtype)
-
-    def _denoise(self, request: _Request, progress: bool) -> torch.Tensor:
-        model = self._model
-        device, dtype = model.device, model.dtype
-        cond_emb = self._encode(request.prompts, dtype, device)
-        uncond_emb = self._encode(request.negative_prompts, dtype, device) if request.do_cfg else None
-
-        # Noise is drawn on the CPU so a seed gives the same sample on every device.
-        generator = torch.Generator("cpu").manual_seed(request.seed)
-        latents = torch.randn(request.latent_shape, generator=generator, dtype=torch.float32).to(device)
-        batch = latents.shape[0]
-        schedule = request.schedule
-        for step in tqdm(range(schedule.num_steps), desc="denoising", disable=not progress):
-            expert = request.experts[step]
-            adapter, cache = self.adapters[expert], request.caches[expert]
-            timestep = schedule.timesteps[step].to(device).expand(batch)
-            model_input = latents.to(dtype)
-            velocity = adapter(model_input, timestep, cond_emb, is_cond=True, cache=cache).float()
-            self._check_step(cache, expert, True, step)
-            if request.do_cfg:
-                uncond = adapter(model_input, timestep, uncond_emb, is_cond=False, cache=cache).float()
-                self._check_step(cache, expert, False, step)
-                velocity = uncond + request.guidance_scale * (velocity - uncond)
-            latents = schedule.step(latents, velocity, step)
-        return latents
-
-    @staticmethod
-    def _check_step(cache: BaseFeatureCache | None, expert: str, is_cond: bool, step: int) -> None:
-        """A cache that counts steps must count the global step, or its plan is applied off by some."""
-        reported = -1 if cache is None else cache.current_step(is_cond)
-        if reported not in (-1, step):
-            raise StepSyncError(
-                f"{expert}'s cache counts {branch_name(is_cond)} step {reported} while the pipeline is at step "
-                f"{step}: a cache used from a later step on must start counting there (init_step), and "
-                "every step must consult the cache exactly once per branch"
-            )
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> frames in [0, 1]; in pixel space the sample already is the image in [-1, 1]."""
@@ -374,29 +266,6 @@ class WanPipeline:
             std = torch.tensor(config.latents_std, device=latents.device).view(view)
             sample = self.vae.decode((latents * std + mean).to(self.vae.dtype), return_dict=False)[0]
         return (sample.float() / 2 + 0.5).clamp(0, 1).cpu()
-
-    def _report(self, request: _Request, frames: torch.Tensor, wall: float, enabled: bool) -> GenerationOutput:
-        branches = ["cond", "uncond"] if request.do_cfg else ["cond"]
-        steps = request.schedule.num_steps
-        expert_steps = {name: [s for s, e in enumerate(request.experts) if e == name] for name in self.adapters}
-        output = GenerationOutput(
-            frames=frames,
-            cache_stats={n: c.stats() for n, c in request.caches.items() if c is not None},
-            stack_passes={n: dict(a.stack_passes) for n, a in self.adapters.items() if expert_steps[n]},
-            branch_steps={name: steps for name in branches},
-            expert_steps=expert_steps,
-            cache_memory_bytes={n: c.memory_bytes() for n, c in request.caches.items() if c is not None},
-            sigmas=request.schedule.sigmas.tolist(),
-            timesteps=request.schedule.timesteps.tolist(),
-            wall_time_s=wall,
-        )
-        if enabled and output.total_stack_passes() == output.branch_steps:
-            warnings.warn(
-                "AdaTaylorCache is enabled but skipped no step: the params' thresh/K/retention_ratio allow no "
-                f"skip at {steps} steps; check the params file or raise thresh",
-                stacklevel=3,
-            )
-        return output
 
 
 class Wan22Pipeline(WanPipeline):
@@ -421,8 +290,10 @@ class Wan22Pipeline(WanPipeline):
         settings: ModelSettings,
         vae: torch.nn.Module | None = None,
         boundary_ratio: float | None = None,
+        *,
+        parallel: ParallelGroups | None = None,
     ) -> None:
-        super().__init__(transformers, text_encoder, settings, vae)
+        super().__init__(transformers, text_encoder, settings, vae, parallel=parallel)
         ratio = settings.boundary_ratio if boundary_ratio is None else boundary_ratio
         if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ParamsError(f"Wan2.2 needs boundary_ratio in [0, 1] (model_index.json or argument), got {ratio!r}")
@@ -449,14 +320,18 @@ class Wan22Pipeline(WanPipeline):
         return {name: feature_cache[name] for name in used}
 
 
-def pipeline_for(loaded: LoadedModel) -> WanPipeline:
+def pipeline_for(loaded: LoadedModel, *, parallel: ParallelGroups | None = None) -> WanPipeline:
     """The pipeline class a loaded directory calls for: two experts -> Wan22Pipeline."""
     cls = Wan22Pipeline if LOW_NOISE in loaded.transformers else WanPipeline
-    return cls.from_loaded(loaded)
+    return cls.from_loaded(loaded, parallel=parallel)
 
 
 def load_pipeline(
-    model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    model_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    parallel: ParallelGroups | None = None,
 ) -> WanPipeline:
-    """Load a Wan-family directory and build the pipeline it calls for."""
-    return pipeline_for(load_model_dir(model_dir, device=device, dtype=dtype))
+    """Load a Wan-family directory and build the pipeline it calls for (``parallel``: this rank's groups)."""
+    return pipeline_for(load_model_dir(model_dir, device=device, dtype=dtype), parallel=parallel)

@@ -20,20 +20,24 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from ditcache.cache.base import BaseFeatureCache, NoCache
+from ditcache.cache.base import BaseFeatureCache
 from ditcache.errors import ParamsError
+from ditcache.parallel import ParallelGroups
 from ditcache.runtime.adapters.qwen_image import QwenImageAdapter
+from ditcache.runtime.denoise import (
+    DenoisingPipeline,
+    GenerationOutput,
+    as_prompt_list,
+    params_cache_options,
+)
 from ditcache.runtime.loading import check_part, load_diffusers_model, part_spec, read_model_index
-from ditcache.runtime.pipeline import GenerationOutput, WanPipeline, _as_prompt_list
-from ditcache.runtime.scheduler import FlowMatchSchedule, flow_match_schedule
+from ditcache.runtime.scheduler import flow_match_schedule
 
 EXPERT = "transformer"
 
@@ -70,6 +74,12 @@ class QwenPromptEmbeds:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "QwenPromptEmbeds":
         return QwenPromptEmbeds(self.embeds.to(device, dtype), None if self.mask is None else self.mask.to(device))
+
+
+def qwen_guidance(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Qwen-Image's CFG: the usual combine, rescaled per token to the conditional prediction's norm."""
+    combined = uncond + guidance_scale * (cond - uncond)
+    return combined * (cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
 
 
 def image_size_for_area(area: int, aspect: float) -> tuple[int, int]:
@@ -154,11 +164,12 @@ class DynamicShift:
         return math.exp(self.base_shift + slope * (image_seq_len - self.base_seq_len))
 
 
-class QwenImagePipeline:
+class QwenImagePipeline(DenoisingPipeline):
     """Qwen-Image T2I, and Edit-Plus when reference images are given, with a feature cache.
 
     ``vae`` (AutoencoderKLQwenImage) decodes images and encodes reference images; without one,
     requests return latents (``output_type="latent"``) and Edit-Plus takes ``reference_latents``.
+    ``parallel`` is this rank's process groups; None = one process.
     """
 
     def __init__(
@@ -168,16 +179,22 @@ class QwenImagePipeline:
         prompt_encoder: QwenPromptEncoder | None = None,
         *,
         dynamic_shift: DynamicShift = DynamicShift(),
+        parallel: ParallelGroups | None = None,
     ) -> None:
         self.adapter = QwenImageAdapter(transformer)
-        self.adapters = {EXPERT: self.adapter}
+        super().__init__({EXPERT: self.adapter}, parallel)
         self.vae = vae
         self.prompt_encoder = prompt_encoder
         self.dynamic_shift = dynamic_shift
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        parallel: ParallelGroups | None = None,
     ) -> "QwenImagePipeline":
         """Load a local diffusers-format Qwen-Image (or Edit-Plus) directory; the encoder only if present."""
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
@@ -200,7 +217,7 @@ class QwenImagePipeline:
                 config.get("base_shift", shift.base_shift),
                 config.get("max_shift", shift.max_shift),
             )
-        return cls(transformer.to(device), vae, encoder, dynamic_shift=shift)
+        return cls(transformer.to(device), vae, encoder, dynamic_shift=shift, parallel=parallel)
 
     # -- geometry and latents ----------------------------------------------------------------------
 
@@ -290,38 +307,9 @@ class QwenImagePipeline:
                     f"this pipeline has no prompt encoder (no text_encoder/ in the model directory): pass "
                     f"{what}_embeds=QwenPromptEmbeds(...) instead of {what}"
                 )
-            prompts = _as_prompt_list(prompt, what)
+            prompts = as_prompt_list(prompt, what)
             embeds = self.prompt_encoder.encode(prompts * batch if len(prompts) == 1 else prompts, images)
         return embeds.to(model.device, model.dtype)
-
-    def _resolve_cache(
-        self,
-        feature_cache: BaseFeatureCache | None,
-        enable_ada_taylor_cache: bool,
-        model_type: str,
-        schedule: FlowMatchSchedule,
-        n_derivatives: int,
-        taylor_threshold: int,
-    ) -> tuple[BaseFeatureCache, bool]:
-        """The request's cache and whether it is the params-driven AdaTaylorCache."""
-        if feature_cache is not None:
-            if not isinstance(feature_cache, BaseFeatureCache):
-                raise ParamsError(f"feature_cache must be a BaseFeatureCache, got {type(feature_cache).__name__}")
-            return feature_cache, False
-        if not enable_ada_taylor_cache:
-            return NoCache(), False
-        from ditcache.cache.factory import create_feature_cache
-
-        cache = create_feature_cache(
-            "ada_taylor",
-            model_type=model_type,
-            num_inference_steps=schedule.num_steps,
-            # The run's sigmas let the cache map a curve by noise level rather than by step index.
-            sigmas=schedule.sigmas[:-1].tolist(),
-            n_derivatives=n_derivatives,
-            taylor_threshold=taylor_threshold,
-        )
-        return cache, True
 
     # -- the request -------------------------------------------------------------------------------
 
@@ -342,6 +330,7 @@ class QwenImagePipeline:
         model_type: str | None = None,
         feature_cache: BaseFeatureCache | None = None,
         *,
+        calibrator: BaseFeatureCache | None = None,
         prompt_embeds: QwenPromptEmbeds | None = None,
         negative_prompt_embeds: QwenPromptEmbeds | None = None,
         reference_images: Sequence[Any] | None = None,
@@ -355,10 +344,10 @@ class QwenImagePipeline:
         ``guidance_scale <= 1`` runs no unconditional pass; otherwise the negative prompt defaults
         to " ". ``sigma_shift=None`` uses the resolution-dependent shift. ``height``/``width``
         default to ~1024^2 at the last reference image's aspect (Edit-Plus) or 1024 x 1024. The cache
-        is ``feature_cache`` if given, else an AdaTaylorCache from ``model_type``'s params (default
-        Qwen-Image / Qwen-Image-Edit-Plus) when ``enable_ada_taylor_cache``, else none; it is reset
-        first. ``frames`` is ``[B, 3, 1, H, W]`` in [0, 1], or with ``output_type="latent"`` the
-        latents ``[B, C, 1, h, w]``.
+        is ``calibrator`` (measures, never skips), else ``feature_cache`` if given, else an
+        AdaTaylorCache from ``model_type``'s params (default Qwen-Image / Qwen-Image-Edit-Plus) when
+        ``enable_ada_taylor_cache``, else none; it is reset first. ``frames`` is ``[B, 3, 1, H, W]``
+        in [0, 1], or with ``output_type="latent"`` the latents ``[B, C, 1, h, w]``.
         """
         start = time.perf_counter()
         if output_type not in ("frames", "latent"):
@@ -407,86 +396,41 @@ class QwenImagePipeline:
         if num_inference_steps is None:
             num_inference_steps = 40 if references else 50
         schedule = flow_match_schedule(num_inference_steps, shift)
-        cache, params_cache = self._resolve_cache(
-            feature_cache,
-            enable_ada_taylor_cache,
+        ada_taylor = params_cache_options(
+            enable_ada_taylor_cache and calibrator is None and feature_cache is None,
             model_type or ("Qwen-Image-Edit-Plus" if references else "Qwen-Image"),
-            schedule,
             ada_taylor_n_derivatives,
             ada_taylor_taylor_threshold,
         )
-        cache.reset()
-        self.adapter.reset_counters()
 
-        for step in tqdm(range(schedule.num_steps), desc="denoising", disable=not progress):
+        def text_inputs(text: QwenPromptEmbeds) -> dict[str, Any]:
+            return dict(encoder_hidden_states=text.embeds, encoder_hidden_states_mask=text.mask, img_shapes=img_shapes)
+
+        texts = {True: cond} if uncond is None else {True: cond, False: uncond}
+        request = self._new_request(
+            schedule,
+            [EXPERT] * schedule.num_steps,
+            guidance_scale,
+            {is_cond: text_inputs(text) for is_cond, text in texts.items()},
+            feature_cache=feature_cache,
+            calibrator=calibrator,
+            ada_taylor=ada_taylor,
+            model_input=lambda x, step: torch.cat([x, *reference_tokens], dim=1).to(dtype),
             # The model takes sigma, not sigma * 1000.
-            sigma = schedule.sigmas[step].to(device).expand(batch)
-            model_input = torch.cat([latents, *reference_tokens], dim=1).to(dtype)
-            velocity = self._predict(model_input, sigma, cond, img_shapes, True, cache, step)[:, :n_noisy]
-            if uncond is not None:
-                negative = self._predict(model_input, sigma, uncond, img_shapes, False, cache, step)[:, :n_noisy]
-                combined = negative + guidance_scale * (velocity - negative)
-                # Qwen-Image's guidance keeps each token's prediction at the conditional norm.
-                velocity = combined * (velocity.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
-            latents = schedule.step(latents, velocity, step)
+            timestep=lambda step: schedule.sigmas[step].to(device).expand(batch),
+            # Only the noisy latents are integrated; the reference tokens' predictions are dropped.
+            prediction=lambda velocity: velocity[:, :n_noisy],
+            guidance_rule=qwen_guidance,
+        )
+        latents = self._denoise(request, latents, progress)
 
         result = self._unpack(latents, h, w)
         if output_type == "frames":
             result = self._decode(result)
-        return self._report(result, cache, schedule, do_cfg, params_cache, time.perf_counter() - start)
-
-    def _predict(
-        self,
-        model_input: torch.Tensor,
-        sigma: torch.Tensor,
-        text: QwenPromptEmbeds,
-        img_shapes: list[list[tuple[int, int, int]]],
-        is_cond: bool,
-        cache: BaseFeatureCache,
-        step: int,
-    ) -> torch.Tensor:
-        velocity = self.adapter(
-            model_input,
-            sigma,
-            text.embeds,
-            encoder_hidden_states_mask=text.mask,
-            img_shapes=img_shapes,
-            is_cond=is_cond,
-            cache=cache,
-        )
-        WanPipeline._check_step(cache, EXPERT, is_cond, step)
-        return velocity.float()
+        return self._report(request, result, time.perf_counter() - start)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents ``[B, C, 1, h, w]`` -> images ``[B, 3, 1, H, W]`` in [0, 1]."""
         mean, std = self._normalisation(latents.device)
         image = self.vae.decode((latents * std + mean).to(self.vae.device, self.vae.dtype), return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
-
-    def _report(
-        self,
-        result: torch.Tensor,
-        cache: BaseFeatureCache,
-        schedule: FlowMatchSchedule,
-        do_cfg: bool,
-        params_cache: bool,
-        wall: float,
-    ) -> GenerationOutput:
-        steps = schedule.num_steps
-        output = GenerationOutput(
-            frames=result,
-            cache_stats={EXPERT: cache.stats()},
-            stack_passes={EXPERT: dict(self.adapter.stack_passes)},
-            branch_steps={name: steps for name in (["cond", "uncond"] if do_cfg else ["cond"])},
-            expert_steps={EXPERT: list(range(steps))},
-            cache_memory_bytes={EXPERT: cache.memory_bytes()},
-            sigmas=schedule.sigmas.tolist(),
-            timesteps=schedule.timesteps.tolist(),
-            wall_time_s=wall,
-        )
-        if params_cache and output.total_stack_passes() == output.branch_steps:
-            warnings.warn(
-                f"AdaTaylorCache is enabled but skipped no step at {steps} steps: check the params or raise thresh",
-                stacklevel=3,
-            )
-        return output

@@ -2,12 +2,13 @@
 
 Every model family (Wan, HunyuanVideo, Qwen-Image) exposes its transformer through a
 :class:`FamilyAdapter` that reuses the diffusers submodules and weights but splits the forward into
-three parts, so that the runtime can put a feature cache around the block stack only (and, later,
-a sequence-parallel shard/gather between the embedding and the stack)::
+three parts, so that the runtime can put a feature cache around the block stack only, and a
+sequence-parallel (Ulysses) shard/gather around the cached stack::
 
-    state = adapter.embed(hidden_states, timestep, encoder_hidden_states, **extra)
-    out = <cached block stack>(state.hidden_states)
-    prediction = adapter.head(out, state)
+    state = adapter.embed(hidden_states, timestep, encoder_hidden_states, **extra)   # full tokens
+    state = adapter.shard(state, sp)                     # this rank's tokens and per-token kwargs
+    out = <cached block stack>(state.hidden_states)      # the cache sees the local shard only
+    prediction = adapter.head(sp.gather(out), state)     # full tokens again
 
 Adapters register themselves with :func:`register_adapter`; :func:`ditcache.runtime.adapters.adapter_for`
 finds the adapter for a transformer instance.
@@ -22,6 +23,8 @@ from typing import Any, ClassVar
 import torch
 
 from ditcache.cache.base import BaseFeatureCache, branch_name
+from ditcache.errors import CacheConfigError
+from ditcache.parallel.ulysses import UlyssesContext
 
 
 @dataclass
@@ -75,6 +78,17 @@ class FamilyAdapter(torch.nn.Module, ABC):
     def head(self, hidden_states: torch.Tensor, state: StackState) -> torch.Tensor:
         """Output norm, projection and unpatchify: tokens back to the latent layout."""
 
+    def shard_block_kwargs(self, block_kwargs: dict[str, Any], sp: UlyssesContext) -> dict[str, Any]:
+        """``block_kwargs`` for this rank's token shard: every per-token tensor sharded like the tokens
+        (``sp.shard_like``), everything else (text tokens, whole-sequence masks) unchanged."""
+        raise CacheConfigError(f"the {self.family} adapter does not support sequence parallelism")
+
+    def shard(self, state: StackState, sp: UlyssesContext) -> StackState:
+        """This rank's share of ``state``: its token shard (the layout is recorded in ``sp``) and the
+        matching block kwargs; ``head_kwargs`` stay whole because the head runs on gathered tokens."""
+        tokens = sp.shard(state.hidden_states)
+        return StackState(tokens, self.shard_block_kwargs(state.block_kwargs, sp), state.head_kwargs)
+
     @property
     def patch_size(self) -> tuple[int, ...]:
         """Patch size of the latent grid (frames, height, width or height, width)."""
@@ -88,25 +102,41 @@ class FamilyAdapter(torch.nn.Module, ABC):
         *,
         is_cond: bool = True,
         cache: BaseFeatureCache | None = None,
+        sp: UlyssesContext | None = None,
         **extra: Any,
     ) -> torch.Tensor:
-        """One model prediction for one CFG branch; ``cache`` decides whether the stack runs."""
+        """One model prediction for one CFG branch; ``cache`` decides whether the stack runs.
+
+        With ``sp`` (a Ulysses context over more than one rank, its attention processors installed
+        by ``apply_ulysses``) the stack runs on this rank's token shard and the tokens are gathered
+        before the head, so every rank returns the full prediction.
+        """
         state = self.embed(hidden_states, timestep, encoder_hidden_states, **extra)
-        out = self._cached_stack(state, is_cond, cache)
-        return self.head(out, state)
+        if sp is None or sp.group.size == 1:
+            return self.head(self._cached_stack(state, is_cond, cache, state.hidden_states.shape[1]), state)
+        local = self.shard(state, sp)
+        out = self._cached_stack(local, is_cond, cache, sp.local_count(sp.seq_len))
+        return self.head(sp.gather(out), state)
 
     def _cached_stack(
-        self, state: StackState, is_cond: bool, cache: BaseFeatureCache | None
+        self, state: StackState, is_cond: bool, cache: BaseFeatureCache | None, n_real: int
     ) -> torch.Tensor:
-        """The block stack, or the cache's estimate of it (one decision per branch per step)."""
+        """The block stack, or the cache's estimate of it (one decision per branch per step).
+
+        The cache sees only the first ``n_real`` tokens: the SP padding at the end of the last shard
+        is not part of the sequence, and a calibrator counting it would measure a different mean on
+        different SP degrees. A skipped step returns the padding as it came in (the gather drops it).
+        """
         x = state.hidden_states
+        real = x[:, :n_real]
         if cache is not None and not cache.should_compute(is_cond):
-            return cache.approximate(x, is_cond)
+            estimate = cache.approximate(real, is_cond)
+            return estimate if n_real == x.shape[1] else torch.cat([estimate, x[:, n_real:]], dim=1)
         out = self.run_blocks(state, x)
         name = branch_name(is_cond)
         self.stack_passes[name] = self.stack_passes.get(name, 0) + 1
         if cache is not None:
-            cache.update(out, x, is_cond)
+            cache.update(out[:, :n_real], real, is_cond)
         return out
 
     def reset_counters(self) -> None:

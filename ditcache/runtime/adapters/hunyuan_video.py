@@ -8,13 +8,19 @@ the cache's residual is that of the image stream and a skipped step needs no tex
 Both image-to-video variants of the class are covered: ``latent_concat`` changes only the input
 channels (the pipeline concatenates image latents and a mask), ``token_replace`` gives the first
 latent frame its own modulation (a t=0 embedding), which the blocks receive via ``block_kwargs``.
+
+Under sequence parallelism the first-frame tokens are the leading block of the sequence, so on each
+contiguous shard they are a (possibly empty) prefix: the blocks get that local prefix length.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
+from ditcache.parallel.ulysses import UlyssesContext
 from ditcache.runtime.adapters.base import FamilyAdapter, StackState, register_adapter
 
 
@@ -89,6 +95,14 @@ class HunyuanVideoAdapter(FamilyAdapter):
             },
             head_kwargs={"temb": temb, "grid": grid},
         )
+
+    def shard_block_kwargs(self, block_kwargs: dict[str, Any], sp: UlyssesContext) -> dict[str, Any]:
+        """Rope ``[S, D]`` follows the tokens; the joint key mask stays whole (the Ulysses processor
+        splits it), and the first-frame count becomes this shard's share of the first frame."""
+        sharded = dict(block_kwargs)
+        sharded["image_rotary_emb"] = tuple(sp.shard_like(r, dim=0) for r in block_kwargs["image_rotary_emb"])
+        sharded["first_frame_num_tokens"] = sp.local_count(block_kwargs["first_frame_num_tokens"])
+        return sharded
 
     def run_blocks(self, state: StackState, hidden_states: torch.Tensor) -> torch.Tensor:
         kw = state.block_kwargs

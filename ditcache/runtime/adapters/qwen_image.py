@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from diffusers import QwenImageTransformer2DModel
 
+from ditcache.parallel.ulysses import UlyssesContext
 from ditcache.runtime.adapters.base import FamilyAdapter, StackState, register_adapter
 
 ImgShapes = list[list[tuple[int, int, int]]] | list[tuple[int, int, int]]
@@ -95,6 +96,20 @@ class QwenImageAdapter(FamilyAdapter):
             # The head modulates with the real timestep only (the first half under zero_cond_t).
             head_kwargs={"temb": temb.chunk(2, dim=0)[0] if t.zero_cond_t else temb},
         )
+
+    def shard_block_kwargs(self, block_kwargs: dict[str, Any], sp: UlyssesContext) -> dict[str, Any]:
+        """The image rope ``[S, D]``, ``modulate_index`` ``[B, S]`` and ControlNet residuals
+        ``[B, S, D]`` follow the tokens; text tokens, their mask and the text rope stay whole."""
+        sharded = dict(block_kwargs)
+        image_freqs, text_freqs = block_kwargs["image_rotary_emb"]
+        sharded["image_rotary_emb"] = (sp.shard_like(image_freqs, dim=0), text_freqs)
+        if block_kwargs["modulate_index"] is not None:
+            sharded["modulate_index"] = sp.shard_like(block_kwargs["modulate_index"], dim=1)
+        if block_kwargs["controlnet_block_samples"]:
+            sharded["controlnet_block_samples"] = [
+                sp.shard_like(r, dim=1) for r in block_kwargs["controlnet_block_samples"]
+            ]
+        return sharded
 
     def run_blocks(self, state: StackState, hidden_states: torch.Tensor) -> torch.Tensor:
         kw = dict(state.block_kwargs)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from diffusers import WanTransformer3DModel
 
+from ditcache.parallel.ulysses import UlyssesContext
 from ditcache.runtime.adapters.base import FamilyAdapter, StackState, register_adapter
 
 
@@ -61,6 +62,15 @@ class WanAdapter(FamilyAdapter):
             block_kwargs={"encoder_hidden_states": text, "temb": timestep_proj, "rotary_emb": rotary_emb},
             head_kwargs={"temb": temb, "batch": batch, "grid": grid},
         )
+
+    def shard_block_kwargs(self, block_kwargs: dict[str, Any], sp: UlyssesContext) -> dict[str, Any]:
+        """Rope ``[1, S, 1, D]`` (cos, sin) and a per-token modulation ``[B, S, 6, D]`` follow the tokens;
+        text tokens and a per-sample modulation ``[B, 6, D]`` are the same for every token."""
+        sharded = dict(block_kwargs)
+        sharded["rotary_emb"] = tuple(sp.shard_like(r, dim=1) for r in block_kwargs["rotary_emb"])
+        if block_kwargs["temb"].ndim == 4:
+            sharded["temb"] = sp.shard_like(block_kwargs["temb"], dim=1)
+        return sharded
 
     def run_blocks(self, state: StackState, hidden_states: torch.Tensor) -> torch.Tensor:
         for block in self.transformer.blocks:

@@ -1,0 +1,332 @@
+"""The denoising core every family's pipeline runs on: caches, parallel layout, the loop, the report.
+
+Per step the loop picks the step's expert, runs the CFG branches this rank owns (both, only the
+conditional one with guidance off, or one per rank under CFG-parallel) as separate cached adapter
+calls, checks that the cache counts the global step, combines the branches (all-gathered over the
+cfg pair under CFG-parallel, so every rank holds the same guided prediction and the same latents)
+and takes the Euler step. Under Ulysses SP the adapter shards the tokens after embedding and
+gathers them before the head; the cache sits between, so each rank caches its own shard and a
+skipped step does no attention communication. With more than one rank every cache is wrapped in a
+:class:`~ditcache.parallel.SyncedCache`, which checks each decision across the request's ranks.
+
+A family pipeline subclasses :class:`DenoisingPipeline` and describes its model through a
+:class:`DenoiseRequest` (inputs per branch, how latents become the model input, which part of the
+prediction moves the latents, its guidance rule); everything else is shared.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ditcache.cache.base import BaseFeatureCache, NoCache, branch_name
+from ditcache.errors import ParamsError, StepSyncError
+from ditcache.parallel import CfgParallel, ParallelGroups, StepSync, SyncedCache, UlyssesContext, apply_ulysses
+from ditcache.parallel.cfg import combine_guidance
+from ditcache.runtime.adapters import FamilyAdapter
+from ditcache.runtime.scheduler import FlowMatchSchedule
+
+GuidanceRule = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+SINGLE_PROCESS = "single process"
+
+
+@dataclass
+class GenerationOutput:
+    """Result and telemetry of one request.
+
+    ``frames`` is ``[B, C, F, H, W]`` (float in [0, 1], or latents when a pipeline is asked for them).
+    ``cache_stats`` and ``stack_passes`` are keyed by expert ("transformer", and "transformer_2" for
+    Wan2.2) and then by branch ("cond", "uncond"), for the whole request (under CFG-parallel the cfg
+    pair exchanges them); ``stack_passes`` counts real block-stack runs, ``branch_steps`` the steps
+    each branch was asked for. ``cache_memory_bytes`` is what this rank's caches hold (its branch,
+    its token shard). ``layout`` names the parallel layout the request ran on.
+    """
+
+    frames: torch.Tensor
+    cache_stats: dict[str, dict[str, dict]]
+    stack_passes: dict[str, dict[str, int]]
+    branch_steps: dict[str, int]
+    expert_steps: dict[str, list[int]]
+    cache_memory_bytes: dict[str, int]
+    sigmas: list[float]
+    timesteps: list[float]
+    wall_time_s: float
+    layout: str = SINGLE_PROCESS
+
+    def total_stack_passes(self) -> dict[str, int]:
+        """Block-stack runs per branch, summed over experts."""
+        totals: dict[str, int] = {name: 0 for name in self.branch_steps}
+        for per_branch in self.stack_passes.values():
+            for name, count in per_branch.items():
+                totals[name] = totals.get(name, 0) + count
+        return totals
+
+    def summary(self) -> str:
+        """One line: steps computed/skipped per branch, block passes saved, wall time, layout."""
+        passes = self.total_stack_passes()
+        parts = [
+            f"{name}: {passes[name]} computed / {steps - passes[name]} skipped"
+            for name, steps in self.branch_steps.items()
+        ]
+        asked, ran = sum(self.branch_steps.values()), sum(passes.values())
+        ratio = f", {asked / ran:.2f}x fewer" if ran else ""
+        return (
+            f"{len(self.timesteps)} steps | {' | '.join(parts)} | block passes {ran}/{asked} "
+            f"(saved {asked - ran}{ratio}) | {self.wall_time_s:.2f} s | {self.layout}"
+        )
+
+
+def as_prompt_list(prompt: str | list[str], what: str) -> list[str]:
+    """``prompt`` as a non-empty list of strings (``what`` names the argument in the error)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ParamsError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
+    return prompts
+
+
+def check_step(cache: BaseFeatureCache, expert: str, is_cond: bool, step: int) -> None:
+    """A cache that counts steps must count the global step, or its plan is applied off by some."""
+    reported = cache.current_step(is_cond)
+    if reported not in (-1, step):
+        raise StepSyncError(
+            f"{expert}'s cache counts {branch_name(is_cond)} step {reported} while the pipeline is at step "
+            f"{step}: a cache used from a later step on must start counting there (init_step), and "
+            "every step must consult the cache exactly once per branch"
+        )
+
+
+def params_cache_options(
+    enabled: bool, model_type: str | None, n_derivatives: int, taylor_threshold: int
+) -> dict[str, Any] | None:
+    """Keywords of the params-driven AdaTaylorCache (see ``DenoisingPipeline._build_caches``), or None
+    when it is not ``enabled`` (turned off, or the request brings its own cache)."""
+    if not enabled:
+        return None
+    if model_type is None:
+        raise ParamsError("enable_ada_taylor_cache needs model_type= (no params model_type in the model directory)")
+    return dict(model_type=model_type, n_derivatives=n_derivatives, taylor_threshold=taylor_threshold)
+
+
+def _identity(prediction: torch.Tensor) -> torch.Tensor:
+    return prediction
+
+
+@dataclass
+class DenoiseRequest:
+    """One request as the loop sees it.
+
+    ``branch_inputs[is_cond]`` are the adapter's keyword inputs of a branch (text tokens, masks, ...).
+    ``model_input(latents, step)`` is what the transformer gets (e.g. with image latents appended),
+    ``timestep(step)`` its time input, ``prediction`` the part of its output that moves the latents,
+    ``guidance_rule(cond, uncond, scale)`` the family's CFG, ``integrate(latents, velocity, step)``
+    the update (default: the schedule's Euler step). ``params_cache`` says the caches came from a
+    params file, so a run that skips nothing deserves a warning.
+    """
+
+    schedule: FlowMatchSchedule
+    experts: list[str]
+    caches: dict[str, BaseFeatureCache]
+    guidance_scale: float
+    branch_inputs: dict[bool, dict[str, Any]]
+    model_input: Callable[[torch.Tensor, int], torch.Tensor]
+    timestep: Callable[[int], torch.Tensor]
+    prediction: Callable[[torch.Tensor], torch.Tensor] = _identity
+    guidance_rule: GuidanceRule = combine_guidance
+    integrate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+    params_cache: bool = False
+
+    @property
+    def do_cfg(self) -> bool:
+        """Whether the unconditional branch runs (it has inputs exactly when guidance is on)."""
+        return False in self.branch_inputs
+
+    @property
+    def branches(self) -> list[str]:
+        return ["cond", "uncond"] if self.do_cfg else ["cond"]
+
+
+class DenoisingPipeline:
+    """Base of the family pipelines: adapters per expert, the parallel layout, caches, loop, report.
+
+    ``parallel`` is this rank's :class:`ParallelGroups` (``init_parallel(cfg_degree, sp_degree)``
+    under torchrun), or None for one process without ``torch.distributed``. Ulysses processors are
+    installed on every expert's transformer here, sharing one context (Wan2.2's experts run on the
+    same tokens).
+    """
+
+    def __init__(self, adapters: dict[str, FamilyAdapter], parallel: ParallelGroups | None = None) -> None:
+        self.adapters = adapters
+        self.parallel = ParallelGroups.single() if parallel is None else parallel
+        self.sp = UlyssesContext(self.parallel.sp)
+        for adapter in adapters.values():
+            apply_ulysses(adapter.transformer, self.sp)
+
+    @property
+    def layout(self) -> str:
+        return self.parallel.config.layout if self.parallel.is_distributed else SINGLE_PROCESS
+
+    # -- caches -----------------------------------------------------------------------------------
+
+    def _new_request(
+        self,
+        schedule: FlowMatchSchedule,
+        experts: list[str],
+        guidance_scale: float,
+        branch_inputs: dict[bool, dict[str, Any]],
+        *,
+        feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache] | None,
+        calibrator: BaseFeatureCache | None,
+        ada_taylor: dict[str, Any] | None,
+        **drive: Any,
+    ) -> DenoiseRequest:
+        """A request with its caches ready (one per expert that runs; reset; synced across ranks).
+
+        Cache precedence: ``calibrator`` (one object for every expert, so its curve spans an expert
+        switch), ``feature_cache``, an AdaTaylorCache per expert from ``ada_taylor`` (keywords of
+        ``create_feature_cache``; each expert's cache counts from its first step), else NoCache.
+        ``drive`` are the remaining :class:`DenoiseRequest` fields (how the family's model is driven).
+        """
+        caches = self._resolve_caches(experts, schedule, feature_cache, calibrator, ada_taylor)
+        return DenoiseRequest(
+            schedule=schedule,
+            experts=experts,
+            caches=self._ready(caches),
+            guidance_scale=guidance_scale,
+            branch_inputs=branch_inputs,
+            params_cache=ada_taylor is not None,
+            **drive,
+        )
+
+    def _ready(self, caches: dict[str, BaseFeatureCache]) -> dict[str, BaseFeatureCache]:
+        """Reset every (possibly shared) cache and the stack counters; wrap caches for the step sync."""
+        started: dict[int, BaseFeatureCache] = {}  # id of a (possibly shared) cache -> the one to use
+        for name, cache in caches.items():
+            if id(cache) in started:
+                continue
+            cache.reset()
+            # Every cache, data-dependent ones too: a decision that differs between ranks must
+            # fail on all of them at once instead of hanging in the next collective.
+            sync = StepSync.for_groups(self.parallel, label=f"{name} cache") if self.parallel.is_distributed else None
+            started[id(cache)] = cache if sync is None else SyncedCache(cache, sync)
+        for adapter in self.adapters.values():
+            adapter.reset_counters()
+        return {name: started[id(cache)] for name, cache in caches.items()}
+
+    def _resolve_caches(
+        self,
+        experts: list[str],
+        schedule: FlowMatchSchedule,
+        feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache] | None,
+        calibrator: BaseFeatureCache | None,
+        ada_taylor: dict[str, Any] | None,
+    ) -> dict[str, BaseFeatureCache]:
+        num_steps = schedule.num_steps
+        used = list(dict.fromkeys(experts))
+        if calibrator is not None:
+            if feature_cache is not None:
+                raise ParamsError("pass either feature_cache= or calibrator=, not both")
+            calibrated_steps = getattr(calibrator, "num_inference_steps", num_steps)
+            if calibrated_steps != num_steps:
+                raise ParamsError(
+                    f"the calibrator was built for {calibrated_steps} steps but the request has {num_steps}"
+                )
+            return {name: calibrator for name in used}
+        if feature_cache is not None:
+            return self._user_caches(feature_cache, used)
+        if ada_taylor is None:
+            # NoCache has no residual to carry across an expert switch, so one counter spans all experts.
+            no_cache = NoCache()
+            return {name: no_cache for name in used}
+        from ditcache.cache.factory import create_feature_cache
+
+        # The run's sigmas let the cache resample a curve by noise level rather than by step index.
+        sigmas = schedule.sigmas[:-1].tolist()
+        return {
+            name: create_feature_cache(
+                "ada_taylor", num_inference_steps=num_steps, init_step=experts.index(name), sigmas=sigmas, **ada_taylor
+            )
+            for name in used
+        }
+
+    def _user_caches(
+        self, feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache], used: list[str]
+    ) -> dict[str, BaseFeatureCache]:
+        """One user cache for every expert (a family with several experts overrides this)."""
+        if isinstance(feature_cache, BaseFeatureCache):
+            return {name: feature_cache for name in used}
+        raise ParamsError(f"feature_cache must be a BaseFeatureCache, got {type(feature_cache).__name__}")
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _denoise(self, request: DenoiseRequest, latents: torch.Tensor, progress: bool) -> torch.Tensor:
+        """Run every step of ``request`` from ``latents``; returns the final latents (same on all ranks)."""
+        cfg = CfgParallel.from_groups(self.parallel, request.do_cfg)
+        schedule = request.schedule
+        integrate = request.integrate or schedule.step
+        show = progress and self.parallel.rank == 0
+        for step in tqdm(range(schedule.num_steps), desc="denoising", disable=not show):
+            expert = request.experts[step]
+            adapter, cache = self.adapters[expert], request.caches[expert]
+            model_input, timestep = request.model_input(latents, step), request.timestep(step)
+            predictions = {}
+            for is_cond in cfg.branches:
+                prediction = adapter(
+                    model_input, timestep, is_cond=is_cond, cache=cache, sp=self.sp, **request.branch_inputs[is_cond]
+                )
+                check_step(cache, expert, is_cond, step)
+                predictions[is_cond] = request.prediction(prediction.float())
+            velocity = cfg.combine(predictions, request.guidance_scale, request.guidance_rule)
+            latents = integrate(latents, velocity, step)
+        return latents
+
+    # -- the report -------------------------------------------------------------------------------
+
+    def _report(self, request: DenoiseRequest, frames: torch.Tensor, wall: float) -> GenerationOutput:
+        steps = request.schedule.num_steps
+        expert_steps = {name: [s for s, e in enumerate(request.experts) if e == name] for name in self.adapters}
+        cache_stats, stack_passes = self._whole_request(
+            {name: cache.stats() for name, cache in request.caches.items()},
+            {name: dict(a.stack_passes) for name, a in self.adapters.items() if expert_steps[name]},
+        )
+        output = GenerationOutput(
+            frames=frames,
+            cache_stats=cache_stats,
+            stack_passes=stack_passes,
+            branch_steps={name: steps for name in request.branches},
+            expert_steps=expert_steps,
+            cache_memory_bytes={name: cache.memory_bytes() for name, cache in request.caches.items()},
+            sigmas=request.schedule.sigmas.tolist(),
+            timesteps=request.schedule.timesteps.tolist(),
+            wall_time_s=wall,
+            layout=self.layout,
+        )
+        if request.params_cache and output.total_stack_passes() == output.branch_steps:
+            warnings.warn(
+                "AdaTaylorCache is enabled but skipped no step: the params' thresh/K/retention_ratio allow no "
+                f"skip at {steps} steps; check the params file or raise thresh",
+                stacklevel=3,
+            )
+        return output
+
+    def _whole_request(
+        self, cache_stats: dict[str, dict[str, Any]], stack_passes: dict[str, dict[str, int]]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, int]]]:
+        """Per-branch telemetry of the whole request: under CFG-parallel each rank knows only its own
+        branch, so the cfg pair exchanges theirs (SP ranks took the same decisions, checked)."""
+        group = self.parallel.cfg
+        if group.size == 1:
+            return cache_stats, stack_passes
+        parts = group.all_gather_object(
+            (cache_stats, stack_passes), self.parallel.device, op="cfg all_gather (request telemetry)"
+        )
+        merged: tuple[dict, dict] = ({}, {})
+        for part in parts:
+            for whole, mine in zip(merged, part):
+                for expert, per_branch in mine.items():
+                    whole.setdefault(expert, {}).update(per_branch)
+        return merged
