@@ -111,6 +111,7 @@ def run(args: argparse.Namespace, *, keep_frames: bool = False) -> JobResult:
     """
     config = parallel_config(args)
     prompts = generate.read_prompts(args)
+    generate.resolve_model(args.model, args.model_dir)  # a wrong --model fails here, before any cluster
     started = time.monotonic()
     connected = connect(args.address, config.world_size)
     try:
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     config = parallel_config(args)
     print(
-        f"{len(job.results)} requests on {config.dp_degree} replica(s) x {config.model_parallel_size} rank(s) "
+        f"{len(job.results)} request(s) on {config.dp_degree} replica(s) x {config.model_parallel_size} rank(s) "
         f"in {job.wall_time_s:.1f} s ({job.wall_time_s / max(1, len(job.results)):.2f} s/request); "
         f"wrote {job.results_file}"
     )

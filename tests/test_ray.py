@@ -221,3 +221,11 @@ def test_cfg_pair_forms_a_process_group_per_request(tmp_path):
     assert out.wall_time_s == 2.0 and results[1].rank_wall_time_s == {0: 1.0, 1: 2.0}
     assert results[1].rank_cache_memory_bytes == {0: {"transformer": 10}, 1: {"transformer": 11}}
     assert _placement_released()
+
+
+def test_argument_errors_exit_2_before_starting_ranks(tmp_path, capsys):
+    assert ray_generate.main(["--model", "sd15", "--prompt", "x", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown --model 'sd15'" in capsys.readouterr().err
+    missing = tmp_path / "none.txt"
+    assert ray_generate.main(["--prompts-file", str(missing), "--output-dir", str(tmp_path)]) == 2
+    assert f"--prompts-file {missing} does not exist" in capsys.readouterr().err

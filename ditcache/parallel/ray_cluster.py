@@ -329,10 +329,10 @@ class RayRanks:
             remaining = oldest.started + timeout_s - time.monotonic()
             ready, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, remaining))
             if not ready:
-                late = sorted(oldest.pending.values())
+                done = f", rank(s) {sorted(oldest.done)} done" if oldest.done else ""
                 raise RayJobError(
                     f"request {oldest.index} ({requests[oldest.index].label!r}) did not finish within {timeout_s:g} s: "
-                    f"rank(s) {late} still running, rank(s) {sorted(oldest.done)} done"
+                    f"rank(s) {sorted(oldest.pending.values())} still running{done}"
                 )
             replica = self.replicas[owner[ready[0]]]
             job = inflight[replica.index]
