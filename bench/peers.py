@@ -235,12 +235,32 @@ class TeaCacheRule(BaseFeatureCache):
         return sum(s.residual.numel() * 4 for s in self._branches.values() if s.residual is not None)
 
 
-def teacache_forward(adapter, hidden_states, timestep, encoder_hidden_states, *, is_cond: bool, cache: TeaCacheRule):
-    """One adapter forward with TeaCache deciding: embed, observe ``timestep_proj``, cached stack, head."""
+def cached_stack_forward(adapter, hidden_states, timestep, encoder_hidden_states, *, is_cond: bool, cache, on_state=None):
+    """embed -> (cache decides) block stack -> head, through the adapter's public parts only.
+
+    ``on_state(state)`` sees the embedded state before the cache decides (TeaCache observes its
+    modulated input there). Same call pattern as ``FamilyAdapter.forward`` on one process.
+    """
     state = adapter.embed(hidden_states, timestep, encoder_hidden_states)
-    cache.observe(state.block_kwargs["temb"], is_cond)
-    out = adapter._cached_stack(state, is_cond, cache)
-    return adapter.head(out, state)
+    if on_state is not None:
+        on_state(state)
+    x = state.hidden_states
+    if cache is not None and not cache.should_compute(is_cond):
+        out = cache.approximate(x, is_cond)
+    else:
+        out = adapter.run_blocks(state, x)
+        if cache is not None:
+            cache.update(out, x, is_cond)
+    return adapter.head(out, state), state
+
+
+def teacache_forward(adapter, hidden_states, timestep, encoder_hidden_states, *, is_cond: bool, cache: TeaCacheRule):
+    """One adapter forward with TeaCache deciding on Wan's ``timestep_proj`` (TeaCache's ``e0``)."""
+    velocity, _ = cached_stack_forward(
+        adapter, hidden_states, timestep, encoder_hidden_states, is_cond=is_cond, cache=cache,
+        on_state=lambda state: cache.observe(state.block_kwargs["temb"], is_cond),
+    )  # fmt: skip
+    return velocity
 
 
 # ---------------------------------------------------------------------------------------------
