@@ -178,7 +178,8 @@ def test_failing_rank_fails_the_job_naming_it(fault, model_args, tmp_path, capsy
 
 
 PROCESS_GROUP_ENTRY = '''
-import os, types
+import json, os, types
+from pathlib import Path
 import torch
 from ditcache.parallel import destroy_parallel, init_parallel
 from ditcache.runtime.pipeline import GenerationOutput
@@ -186,14 +187,14 @@ from ditcache.runtime.pipeline import GenerationOutput
 def run(args):
     # what torchrun would give generate.py: a CFG pair that all-gathers, then tears the group down
     groups = init_parallel(cfg_degree=2, timeout_s=20)
-    ranks = groups.cfg.all_gather(torch.tensor([groups.rank]))
+    gathered = [int(r) for r in groups.cfg.all_gather(torch.tensor([groups.rank]))]
     destroy_parallel(groups)
-    branch = "cond" if groups.branch else "uncond"
     env = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    Path(args.output + f".rank{groups.rank}.json").write_text(json.dumps([gathered, env]))
     output = GenerationOutput(
-        frames=torch.zeros(1, 1, 1, 1, 1), cache_stats={"transformer": {branch: {"gathered": [int(r) for r in ranks], "env": env}}},
-        stack_passes={"transformer": {branch: 3 + groups.rank}}, branch_steps={branch: 5}, expert_steps={},
-        cache_memory_bytes={"transformer": 10 + groups.rank}, sigmas=[], timesteps=[], wall_time_s=1.0 + groups.rank,
+        frames=torch.zeros(1, 1, 1, 1, 1), cache_stats={}, stack_passes={"transformer": {"cond": 3, "uncond": 4}},
+        branch_steps={"cond": 5, "uncond": 5}, expert_steps={}, cache_memory_bytes={"transformer": 10 + groups.rank},
+        sigmas=[], timesteps=[], wall_time_s=1.0 + groups.rank,
     )
     return types.SimpleNamespace(output=output, path=args.output if groups.rank == 0 else "not rank 0")
 '''
@@ -207,18 +208,17 @@ def test_cfg_pair_forms_a_process_group_per_request(tmp_path):
 
     entry = tmp_path / "pg.py"
     entry.write_text(PROCESS_GROUP_ENTRY)
-    requests = [Request(f"r{i}", Namespace(output=f"out-{i}")) for i in range(2)]
+    requests = [Request(f"r{i}", Namespace(output=str(tmp_path / f"out-{i}"))) for i in range(2)]
     with RayRanks(ParallelConfig(cfg_degree=2, world_size=2), entry=f"{entry}:run") as ranks:
         ranks.start(timeout_s=60)
         results = ranks.run(requests, timeout_s=60)  # the second request re-forms the torn-down group
-    assert [r.path for r in results] == ["out-0", "out-1"] and {r.replica for r in results} == {0}
-    out = results[1].output
-    assert out.stack_passes == {"transformer": {"cond": 3, "uncond": 4}} and out.branch_steps == {"cond": 5, "uncond": 5}
-    for rank, branch in enumerate(("cond", "uncond")):
-        stats = out.cache_stats["transformer"][branch]
-        assert stats["gathered"] == [0, 1]
-        assert stats["env"] == {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    assert out.wall_time_s == 2.0 and results[1].rank_wall_time_s == {0: 1.0, 1: 2.0}
+    assert [Path(r.path).name for r in results] == ["out-0", "out-1"] and {r.replica for r in results} == {0}
+    for i, rank in ((i, rank) for i in range(2) for rank in range(2)):
+        gathered, env = json.loads((tmp_path / f"out-{i}.rank{rank}.json").read_text())
+        assert gathered == [0, 1]
+        assert env == {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    assert results[1].output.stack_passes == {"transformer": {"cond": 3, "uncond": 4}}
+    assert results[1].output.wall_time_s == 1.0 and results[1].rank_wall_time_s == {0: 1.0, 1: 2.0}
     assert results[1].rank_cache_memory_bytes == {0: {"transformer": 10}, 1: {"transformer": 11}}
     assert _placement_released()
 

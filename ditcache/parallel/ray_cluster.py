@@ -100,7 +100,7 @@ class RankResult:
 
 @dataclass
 class RequestResult:
-    """One finished request: the replica-rank-0 output path and telemetry merged over the ranks."""
+    """One finished request: replica rank 0's output path and telemetry, per-rank times and memory."""
 
     index: int
     label: str
@@ -127,33 +127,6 @@ class RequestResult:
             "cache_stats": out.cache_stats,
             "rank_cache_memory_bytes": {str(r): m for r, m in self.rank_cache_memory_bytes.items()},
         }
-
-
-def merge_rank_outputs(outputs: Sequence[GenerationOutput]) -> GenerationOutput:
-    """One request's telemetry from its ranks, in rank order.
-
-    Under CFG-parallel a rank may report only the branch it ran; the ranks of an SP group take the
-    same decisions and report the same numbers. So the first report of each (expert, branch) wins.
-    """
-    stack_passes: dict[str, dict[str, int]] = {}
-    cache_stats: dict[str, dict[str, dict]] = {}
-    branch_steps: dict[str, int] = {}
-    for out in outputs:
-        for expert, per_branch in out.stack_passes.items():
-            for branch, count in per_branch.items():
-                stack_passes.setdefault(expert, {}).setdefault(branch, count)
-        for expert, per_branch in out.cache_stats.items():
-            for branch, stats in per_branch.items():
-                cache_stats.setdefault(expert, {}).setdefault(branch, stats)
-        for branch, steps in out.branch_steps.items():
-            branch_steps.setdefault(branch, steps)
-    return dataclasses.replace(
-        outputs[0],
-        stack_passes=stack_passes,
-        cache_stats=cache_stats,
-        branch_steps=branch_steps,
-        wall_time_s=max(out.wall_time_s for out in outputs),
-    )
 
 
 @ray.remote
@@ -357,8 +330,10 @@ class RayRanks:
             index=job.index,
             label=request.label,
             replica=replica.index,
+            # Telemetry is the whole request's on every rank (the cfg pair exchanges it), and rank 0
+            # is the one that saved the output.
             path=ranked[0].path,
-            output=merge_rank_outputs([r.output for r in ranked]),
+            output=ranked[0].output,
             wall_time_s=time.monotonic() - job.started,
             rank_wall_time_s={r.rank: r.output.wall_time_s for r in ranked},
             rank_cache_memory_bytes={r.rank: r.output.cache_memory_bytes for r in ranked},
