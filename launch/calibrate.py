@@ -10,6 +10,15 @@ the noise level of each step recorded, so runs at other step counts and shifts r
 sigma. With ``--target-speedup`` or ``--max-error`` a second pass records the residuals of the
 first ``--tune-prompts`` prompts and the plan with the least predicted error is written along with
 the curve (or the script says plainly that the target cannot be reached, and writes nothing).
+
+    torchrun --nproc_per_node=4 --master_port=29532 launch/calibrate.py --cfg-parallel 2 --sp 2 ...
+
+Under ``torchrun`` (``--cfg-parallel``, ``--sp`` as in generate.py; ranks beyond ``cfg x sp`` are
+data-parallel replicas) replica r runs the prompt batches r, r + dp, ... (batch i keeps seed
+``--seed + i`` whatever the layout), every rank measures its branch and token shard, and one sum
+all-reduce over all ranks pools the statistics: 1, 2 or 64 ranks write the same curve. Rank 0 alone
+writes the file (atomically). For auto-tuning the ranks' recorded residuals (a token sample of each
+shard) are gathered, so the tuner replays whole requests of both branches.
 """
 
 from __future__ import annotations
@@ -19,19 +28,24 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import DTYPES, load, read_prompts, resolve_model  # noqa: E402
+from generate import DTYPES, add_parallel_arguments, load, parallel_session, read_prompts, resolve_model  # noqa: E402
 
 from ditcache.cache.calibrator import Calibrator  # noqa: E402
 from ditcache.cache.recorder import ResidualRecorder  # noqa: E402
 from ditcache.cache.tune import PlanReplayer, TargetUnreachableError, tune, tuned_params  # noqa: E402
 from ditcache.errors import DitCacheError  # noqa: E402
+from ditcache.parallel import ParallelGroups, pool_calibration  # noqa: E402
 from ditcache.params import params_from_dict  # noqa: E402
 from ditcache.params.writer import write_params  # noqa: E402
 from ditcache.runtime.scheduler import flow_match_schedule  # noqa: E402
+
+# Token positions of each request the auto-tuner replays (split evenly over the SP shards).
+TUNE_TOKENS = 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="default: the model directory's")
     parser.add_argument("--shift", type=float, help="default: the model directory's")
     parser.add_argument("--guidance-scale", type=float, help="<= 1: cond curve only (stated in the file)")
-    parser.add_argument("--seed", type=int, default=1000, help="first seed; prompt i uses seed + i")
+    parser.add_argument("--seed", type=int, default=1000, help="first seed; prompt batch i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=10, help="prompts per pipeline call")
     parser.add_argument("--model-name", help="model_type written into the file (default: the model's)")
     parser.add_argument("--output", type=Path, help="params file to write (default: the shipped params dir)")
@@ -61,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--order", type=int, default=1, help="n_derivatives the tuned plan is judged with")
     parser.add_argument("--taylor-threshold", type=int, default=2)
     parser.add_argument("--no-progress", action="store_true")
+    add_parallel_arguments(parser)
     return parser
 
 
@@ -68,47 +83,78 @@ def batches(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def run(args: argparse.Namespace) -> tuple[Path, dict]:
+def replica_batches(prompts: list[str], size: int, groups: ParallelGroups) -> list[tuple[int, list[str]]]:
+    """(global batch index, batch) of this rank's replica: batches r, r + dp, ... of the whole list,
+    so each batch keeps its seed and the union over replicas is the single-process run."""
+    dp = groups.config.dp_degree
+    return [(i, batch) for i, batch in enumerate(batches(prompts, size)) if i % dp == groups.dp_rank]
+
+
+def gather_trajectories(recorder: ResidualRecorder, groups: ParallelGroups) -> dict[bool, list[torch.Tensor]]:
+    """Every request's recorded residuals per branch, from all ranks: the token samples of one
+    request's SP shards joined along the token axis (the tuner treats tokens independently), the
+    CFG branches from their ranks, the replicas' requests one after the other."""
+    mine = {c: recorder.trajectories(c) for c in (True, False)}
+    everyone = groups.world.all_gather_object((groups.coords, mine), groups.device, op="tuning residuals all_gather")
+    merged: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    for dp in range(groups.config.dp_degree):
+        for cfg in range(groups.config.cfg_degree):
+            shards = sorted(
+                ((c.sp_rank, t) for c, t in everyone if (c.dp_rank, c.cfg_rank) == (dp, cfg)), key=lambda x: x[0]
+            )
+            for branch in (True, False):
+                for request in zip(*(t[branch] for _, t in shards)):
+                    merged[branch].append(torch.cat(request, dim=-2))
+    return merged
+
+
+def run(args: argparse.Namespace) -> tuple[Path | None, dict]:
+    """This rank's calibration job; returns (the file rank 0 wrote, None elsewhere; the params data)."""
     family, model_dir = resolve_model(args.model, args.model_dir)
     prompts = read_prompts(args)
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    pipe = load(family, model_dir, args.device, dtype or DTYPES["float32"])
-    settings = pipe.settings
-    steps = args.steps or settings.default_steps
-    shift = args.shift or settings.default_shift
-    guidance = settings.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
-    schedule = flow_match_schedule(steps, shift)
-    sigmas = schedule.sigmas[:-1].tolist()
-    model_name = args.model_name or settings.model_type or "custom"
-    calibrator = Calibrator(
-        steps, shift, model_name, args.output, K=args.K, thresh=args.thresh,
-        retention_ratio=args.retention_ratio, sigmas=sigmas,
-    )
-    common = dict(num_inference_steps=steps, sigma_shift=shift, guidance_scale=guidance, progress=False)
-    if args.negative_prompt is not None:
-        common["negative_prompt"] = args.negative_prompt
-    show = not args.no_progress
-    for i, batch in enumerate(tqdm(batches(prompts, args.batch_size), desc="calibrating", disable=not show)):
-        pipe(prompt=batch, seed=args.seed + i, calibrator=calibrator, **common)
-    data = calibrator.result()
-
-    if args.target_speedup is not None or args.max_error is not None:
-        recorder = ResidualRecorder(steps)
-        for i, batch in enumerate(tqdm(batches(prompts[: args.tune_prompts], args.batch_size), desc="recording",
-                                       disable=not show)):
-            pipe(prompt=batch, seed=args.seed + i, calibrator=recorder, **common)
-        replayer = PlanReplayer(
-            {c: recorder.trajectories(c) for c in (True, False)}, sigmas, guidance,
-            n_derivatives=args.order, taylor_threshold=args.taylor_threshold,
+    dtype = DTYPES[args.dtype] if args.dtype else DTYPES["float32"]
+    with parallel_session(args) as (groups, device):
+        pipe = load(family, model_dir, device, dtype, groups)
+        settings = pipe.settings
+        steps = args.steps or settings.default_steps
+        shift = args.shift or settings.default_shift
+        guidance = settings.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
+        schedule = flow_match_schedule(steps, shift)
+        sigmas = schedule.sigmas[:-1].tolist()
+        model_name = args.model_name or settings.model_type or "custom"
+        calibrator = Calibrator(
+            steps, shift, model_name, args.output, K=args.K, thresh=args.thresh,
+            retention_ratio=args.retention_ratio, sigmas=sigmas,
         )
-        params = params_from_dict(data, source=f"calibration of {model_name}")
-        target = {"target_speedup": args.target_speedup} if args.target_speedup else {"max_error": args.max_error}
-        result = tune(replayer, params, target_speedup=args.target_speedup, max_error=args.max_error, sigmas=sigmas)
-        data = tuned_params(params, result, steps, target)
-        data["provenance"]["requests"] = calibrator.result()["provenance"]["requests"]
+        common = dict(num_inference_steps=steps, sigma_shift=shift, guidance_scale=guidance, progress=False)
+        if args.negative_prompt is not None:
+            common["negative_prompt"] = args.negative_prompt
+        show = not args.no_progress and groups.rank == 0
+        mine = replica_batches(prompts, args.batch_size, groups)
+        for i, batch in tqdm(mine, desc="calibrating", disable=not show):
+            pipe(prompt=batch, seed=args.seed + i, calibrator=calibrator, **common)
+        pool_calibration(calibrator, groups)
+        data = calibrator.result()
 
-    path = args.output or calibrator.default_output_path()
-    return write_params(data, path, overwrite_shipped=args.overwrite_shipped), data
+        if args.target_speedup is not None or args.max_error is not None:
+            recorder = ResidualRecorder(steps, max_tokens=max(1, TUNE_TOKENS // groups.config.sp_degree))
+            mine = replica_batches(prompts[: args.tune_prompts], args.batch_size, groups)
+            for i, batch in tqdm(mine, desc="recording", disable=not show):
+                pipe(prompt=batch, seed=args.seed + i, calibrator=recorder, **common)
+            replayer = PlanReplayer(
+                gather_trajectories(recorder, groups), sigmas, guidance,
+                n_derivatives=args.order, taylor_threshold=args.taylor_threshold,
+            )
+            params = params_from_dict(data, source=f"calibration of {model_name}")
+            target = {"target_speedup": args.target_speedup} if args.target_speedup else {"max_error": args.max_error}
+            result = tune(replayer, params, target_speedup=args.target_speedup, max_error=args.max_error, sigmas=sigmas)
+            data = tuned_params(params, result, steps, target)
+            data["provenance"]["requests"] = calibrator.result()["provenance"]["requests"]
+
+        if groups.rank != 0:
+            return None, data
+        path = args.output or calibrator.default_output_path()
+        return write_params(data, path, overwrite_shipped=args.overwrite_shipped), data
 
 
 def summary(path: Path, data: dict) -> str:
@@ -133,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DitCacheError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summary(path, data))
+    if path is not None:
+        print(summary(path, data))
     return 0
 
 

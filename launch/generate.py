@@ -1,36 +1,51 @@
-"""Generate images or videos with a feature-cached DiT (single process).
+"""Generate images or videos with a feature-cached DiT, on one process or as one rank of many.
 
     python launch/generate.py                                   # reference digits, cache on -> PNG grid
     python launch/generate.py --model reference --prompt "a handwritten 3" --cache none
     python launch/generate.py --model reference-moe --steps 40
     python launch/generate.py --model wan --model-dir /models/Wan2.1-T2V-1.3B-Diffusers \
         --prompt "a cat playing piano" --model-type Wan2.1-T2V-1.3B --output cat.mp4
+    torchrun --nproc_per_node=2 --master_port=29531 launch/generate.py --cfg-parallel 2
+    torchrun --nproc_per_node=8 launch/generate.py --model wan --model-dir ... --cfg-parallel 2 --sp 4
 
-Argument parsing (``build_parser``/``main``) is kept apart from the run (``run``) so that launchers
-which add process groups can reuse both.
+Under ``torchrun`` the ranks form ``cfg x sp`` groups (CFG-parallel: one branch per rank; Ulysses:
+a token shard per rank), and whatever is left over are data-parallel replicas: with
+``world > cfg x sp`` replica r takes the r-th contiguous share of the prompts, samples with seed
+``--seed + r`` and its first rank writes ``<output stem>-dp<r><suffix>``; otherwise rank 0 writes
+``--output``. Rank 0 prints the one-line summary, which names the layout.
+
+``run(args)`` is the whole per-rank job, driven by the torchrun environment variables (``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ...): it creates the process group (unless one exists), generates,
+writes, and destroys the group it created; launchers that set those variables themselves (the Ray
+entry) call it in-process. ``build_parser``/``main`` only parse and print.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ditcache.errors import DitCacheError, ParamsError, UnknownModelError  # noqa: E402
 from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE  # noqa: E402
+from ditcache.parallel import DEFAULT_TIMEOUT_S, ParallelGroups, destroy_parallel, init_parallel  # noqa: E402
+from ditcache.runtime.denoise import GenerationOutput  # noqa: E402
 from ditcache.runtime.io import save_frames  # noqa: E402
-from ditcache.runtime.pipeline import GenerationOutput  # noqa: E402
 
 BUNDLED_MODELS = {"reference": REFERENCE_DIGITS, "reference-moe": REFERENCE_DIGITS_MOE}
-# family -> "module:attribute" of a callable (model_dir, device=, dtype=) -> pipeline.
+# family -> "module:attribute" of a callable (model_dir, device=, dtype=, parallel=) -> pipeline.
 FAMILY_LOADERS = {
     "wan": "ditcache.runtime.pipeline:load_pipeline",
     "hunyuan_video": "ditcache.runtime.hunyuan_pipeline:HunyuanVideoPipeline.from_pretrained",
@@ -41,8 +56,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class RunResult:
+    """One rank's result: the request's output, where this rank wrote it (None if it did not)."""
+
     output: GenerationOutput
-    path: Path
+    path: Path | None
+    rank: int = 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +96,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--output", type=Path, help="a .png grid or .mp4 video (default: outputs/<model>-<cache>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_parallel_arguments(parser)
     return parser
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cfg-parallel``, ``--sp``, ``--timeout`` (read under torchrun; world 1 without it)."""
+    group = parser.add_argument_group("parallel (under torchrun; ranks beyond cfg x sp are data-parallel replicas)")
+    group.add_argument("--cfg-parallel", type=int, choices=(1, 2), default=1, help="2: one CFG branch per rank")
+    group.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (must divide the heads)")
+    group.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds a collective may wait for a peer rank"
+    )
+
+
+@contextmanager
+def parallel_session(args: argparse.Namespace) -> Iterator[tuple[ParallelGroups, torch.device]]:
+    """This rank's groups and device from the torchrun environment (world 1 without it).
+
+    The process group is destroyed on exit only if this call created it, so a caller that set one
+    up itself keeps it. CUDA devices use nccl and the rank's ``LOCAL_RANK`` GPU, anything else gloo.
+    """
+    owns_group = not dist.is_initialized()
+    backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
+    groups = init_parallel(args.cfg_parallel, args.sp, backend=backend, timeout_s=args.timeout)
+    device = groups.device if groups.is_distributed else torch.device(args.device)
+    try:
+        yield groups, device
+    finally:
+        if owns_group:
+            destroy_parallel(groups)
+
+
+def replica_share(items: list[Any], groups: ParallelGroups) -> list[Any]:
+    """The contiguous share of ``items`` that this rank's data-parallel replica serves."""
+    replicas, index = groups.config.dp_degree, groups.dp_rank
+    if len(items) < replicas:
+        raise ParamsError(
+            f"{len(items)} prompts for {replicas} data-parallel replicas (world {groups.config.world_size} / "
+            f"cfg {groups.config.cfg_degree} x sp {groups.config.sp_degree}): give at least one prompt per replica"
+        )
+    return items[index * len(items) // replicas : (index + 1) * len(items) // replicas]
 
 
 def resolve_model(model: str, model_dir: Path | None) -> tuple[str, Path]:
@@ -111,12 +169,22 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     raise ParamsError("give at least one --prompt or a --prompts-file")
 
 
-def load(family: str, model_dir: Path, device: str, dtype: torch.dtype) -> Any:
+def load(
+    family: str, model_dir: Path, device: str | torch.device, dtype: torch.dtype, parallel: ParallelGroups | None = None
+) -> Any:
+    """The family's pipeline for ``model_dir``, laid out over ``parallel`` (None: one process)."""
     module_name, attribute = FAMILY_LOADERS[family].split(":")
     target: Any = importlib.import_module(module_name)
     for name in attribute.split("."):
         target = getattr(target, name)
-    return target(model_dir, device=device, dtype=dtype)
+    return target(model_dir, device=device, dtype=dtype, parallel=parallel)
+
+
+def default_dtype(args: argparse.Namespace) -> torch.dtype:
+    """``--dtype``, else bfloat16 on GPU and float32 on CPU."""
+    if args.dtype:
+        return DTYPES[args.dtype]
+    return torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
 
 
 def request_kwargs(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
@@ -143,18 +211,32 @@ def request_kwargs(args: argparse.Namespace, prompts: list[str]) -> dict[str, An
     return kwargs
 
 
-def run(args: argparse.Namespace) -> RunResult:
-    """Load the model, generate, save; returns the output and where it was written."""
-    family, model_dir = resolve_model(args.model, args.model_dir)
-    prompts = read_prompts(args)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    pipe = load(family, model_dir, args.device, dtype)
-    output = pipe(**request_kwargs(args, prompts))
+def output_path(args: argparse.Namespace, output: GenerationOutput, groups: ParallelGroups) -> Path:
+    """``--output`` (default ``outputs/<model>-<cache>.png|.mp4``), suffixed ``-dp<r>`` per replica."""
     path = args.output
     if path is None:
         suffix = ".png" if output.frames.shape[2] == 1 else ".mp4"
         path = REPO / "outputs" / f"{args.model}-{args.cache}{suffix}"
-    return RunResult(output, save_frames(output.frames, path))
+    if groups.config.dp_degree > 1:
+        path = path.with_name(f"{path.stem}-dp{groups.dp_rank}{path.suffix}")
+    return path
+
+
+def run(args: argparse.Namespace) -> RunResult:
+    """This rank's whole job: process groups, load, generate, write (one rank per replica), tear down."""
+    family, model_dir = resolve_model(args.model, args.model_dir)
+    prompts = read_prompts(args)
+    with parallel_session(args) as (groups, device):
+        kwargs = request_kwargs(args, replica_share(prompts, groups))
+        kwargs["seed"] += groups.dp_rank
+        kwargs["progress"] = kwargs["progress"] and groups.rank == 0
+        pipe = load(family, model_dir, device, default_dtype(args), groups)
+        output = pipe(**kwargs)
+        path = None
+        # Every rank of a replica holds the same frames; its first rank writes them.
+        if groups.replica.rank == 0:
+            path = save_frames(output.frames, output_path(args, output, groups))
+        return RunResult(output, path, groups.rank)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,10 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run(args)
     except DitCacheError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"error{where}: {exc}", file=sys.stderr)
         return 2
-    print(result.output.summary())
-    print(f"wrote {result.path}")
+    if result.rank == 0:
+        print(result.output.summary())
+    if result.path is not None:
+        print(f"wrote {result.path}")
     return 0
 
 

@@ -9,7 +9,12 @@ padded. The caches are NoCache and an AdaTaylorCache whose plan skips steps, so 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,12 +25,13 @@ from ditcache.cache.ada_taylor import AdaTaylorCache
 from ditcache.cache.base import NoCache
 from ditcache.errors import CacheConfigError, StepSyncError
 from ditcache.parallel import ParallelGroups, init_parallel
-from ditcache.parallel.testing import run_ranks, values_or_raise
+from ditcache.parallel.testing import free_port, run_ranks, values_or_raise
 from ditcache.runtime.hunyuan_pipeline import HunyuanPromptEmbeds, HunyuanVideoPipeline
 from ditcache.runtime.loading import ModelSettings
 from ditcache.runtime.pipeline import Wan22Pipeline, WanPipeline
 from ditcache.runtime.qwen_pipeline import QwenImagePipeline, QwenPromptEmbeds
 
+REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-4
 STEPS = 6
 SWITCH = 3  # shift 1, boundary 0.6: timesteps 1000 .. 500 run the high-noise expert
@@ -264,3 +270,58 @@ def test_a_rank_dependent_cache_fails_on_every_rank_with_a_readable_message(rank
         assert "ranks diverged at step 3" in message and "disagrees on compute/skip" in message
         assert "rank 0 (cfg 0, sp 0): cond step 3 compute" in message
         assert "rank 1 (cfg 0, sp 1): cond step 3 skip" in message
+
+
+# -- torchrun: launch/generate.py on 2 ranks ----------------------------------------------------------
+
+
+def write_tiny_digit_model(root: Path) -> Path:
+    """A pixel-space model directory (tiny random Wan, 2 heads, grey 6 x 10 images = 15 tokens, the
+    digit prompt encoder) in the reference model's layout, loadable with ``--model wan --model-dir``."""
+    from ditcache.runtime.reference import DigitPromptEncoder, build_digit_tokenizer
+
+    tiny_wan(0, in_channels=1, out_channels=1, text_dim=TEXT_DIM).save_pretrained(root / "transformer")
+    torch.manual_seed(0)
+    DigitPromptEncoder(build_digit_tokenizer(), text_dim=TEXT_DIM).save_pretrained(root)
+    index = {
+        "_class_name": "WanPipeline",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "text_encoder": ["ditcache", "DigitPromptEncoder"],
+        "tokenizer": ["tokenizers", "Tokenizer"],
+        "vae": None,
+        "ditcache": {
+            "latent_space": "pixel", "height": 6, "width": 10, "num_frames": 1, "default_steps": STEPS,
+            "default_shift": 3.0, "default_guidance_scale": 4.0,
+        },
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def torchrun(script: str, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=nproc script args`` on a free port, one thread per rank."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+        str(REPO / "launch" / script), *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=REPO)
+
+
+def test_torchrun_generate_cfg_parallel_writes_the_single_process_png(tmp_path):
+    from PIL import Image
+
+    model = write_tiny_digit_model(tmp_path / "model")
+    common = ["--model", "wan", "--model-dir", str(model), "--steps", "3", "--cache", "none", "--no-progress",
+              "--prompt", "a handwritten 3", "--prompt", "seven"]
+    run = torchrun("generate.py", 2, *common, "--cfg-parallel", "2", "--output", str(tmp_path / "cfg2.png"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote") == 1 and "cfg 2 x sp 1 x dp 1 (2 ranks)" in run.stdout
+    assert "cond: 3 computed / 0 skipped | uncond: 3 computed / 0 skipped" in run.stdout
+
+    sys.path.insert(0, str(REPO / "launch"))
+    import generate
+
+    assert generate.main([*common, "--output", str(tmp_path / "single.png")]) == 0
+    with Image.open(tmp_path / "cfg2.png") as parallel, Image.open(tmp_path / "single.png") as single:
+        assert parallel.tobytes() == single.tobytes()

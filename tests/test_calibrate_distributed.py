@@ -1,0 +1,99 @@
+"""launch/calibrate.py on 1, 2 and 4 ranks over the same prompts writes the same curve, once.
+
+Every layout runs the real entry (``calibrate.run``) on a tiny pixel-space model directory with 15
+image tokens (the SP shards are 8 + 7): CFG-parallel ranks each measure one branch, SP ranks their
+shard, data-parallel replicas half of the prompt batches; one all-reduce pools the sums and counts,
+rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_parallel_pipeline import REPO, torchrun, write_tiny_digit_model
+
+from ditcache.parallel.testing import run_ranks, values_or_raise
+
+sys.path.insert(0, str(REPO / "launch"))
+import calibrate  # noqa: E402
+
+PROMPTS = ["a handwritten 3", "seven", "digit 1", "a handwritten 8"]  # 4 batches of 1
+# name -> (world, cfg, sp): replicas are what is left, world / (cfg x sp)
+LAYOUTS = {"cfg2": (2, 2, 1), "dp2_sp2": (4, 1, 2), "dp2_cfg2": (4, 2, 1)}
+
+
+def _args(model: Path, output: Path, *extra: str) -> list[str]:
+    prompts = [a for p in PROMPTS for a in ("--prompt", p)]
+    return ["--model", "wan", "--model-dir", str(model), "--steps", "6", "--batch-size", "1", "--no-progress",
+            "--model-name", "Tiny-Digits", "--output", str(output), *prompts, *extra]
+
+
+def _calibrate(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    path, data = calibrate.run(calibrate.build_parser().parse_args(argv))
+    return (None if path is None else str(path)), data
+
+
+def _rank_job(rank: int, world: int, model: str, out_dir: str, cfg: int, sp: int) -> dict[str, Any]:
+    parallel = ["--cfg-parallel", str(cfg), "--sp", str(sp), "--timeout", "60"]
+    result = {"guided": _calibrate(_args(Path(model), Path(out_dir) / "guided.json", *parallel))}
+    if cfg == 1:  # guidance off: no uncond branch anywhere (and none to give a CFG partner)
+        off = _args(Path(model), Path(out_dir) / "off.json", "--guidance-scale", "1", *parallel)
+        result["guidance_off"] = _calibrate(off)
+    return result
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_tiny_digit_model(tmp_path_factory.mktemp("tiny-digits"))
+
+
+@pytest.fixture(scope="module")
+def single(model, tmp_path_factory) -> dict[str, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("single")
+    return {
+        "guided": _calibrate(_args(model, out / "guided.json"))[1],
+        "guidance_off": _calibrate(_args(model, out / "off.json", "--guidance-scale", "1"))[1],
+    }
+
+
+def _max_curve_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return max(
+        abs(x - y) for key in ("cond_mag_ratios", "uncond_mag_ratios") for x, y in zip(a[key], b[key], strict=True)
+    )
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_every_layout_writes_the_single_process_curve_once(name, model, single, tmp_path):
+    world, cfg, sp = LAYOUTS[name]
+    ranks = values_or_raise(run_ranks(_rank_job, world, str(model), str(tmp_path), cfg, sp, timeout_s=240))
+    runs = ["guided", "guidance_off"] if cfg == 1 else ["guided"]
+    for run in runs:
+        paths = [r[run][0] for r in ranks]
+        assert paths[0] is not None and paths[1:] == [None] * (world - 1)  # one writer: rank 0
+        written = json.loads(Path(paths[0]).read_text())
+        diff = _max_curve_diff(written, single[run])
+        print(f"{name} {run}: max curve diff vs 1 rank {diff:.1e}")
+        assert diff <= 1e-6
+        assert written["provenance"]["requests"] == single[run]["provenance"]["requests"]
+        assert written["provenance"]["tokens_per_step"] == single[run]["provenance"]["tokens_per_step"]
+        for r in ranks[1:]:  # every rank ends with the pooled statistics
+            assert _max_curve_diff(r[run][1], written) == 0.0
+    if cfg == 1:
+        off = json.loads(Path(ranks[0]["guidance_off"][0]).read_text())
+        assert "no uncond pass ran" in off["provenance"]["uncond_from"]
+    # Nothing else in the folder: the atomic write left no temp file behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{r}.json" for r in ("guided", "off")[: len(runs)])
+
+
+def test_torchrun_calibrate_with_auto_tune_on_two_ranks(model, tmp_path):
+    out = tmp_path / "tuned.json"
+    run = torchrun("calibrate.py", 2, *_args(model, out, "--cfg-parallel", "2", "--max-error", "1e9"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote") == 1 and f"wrote {out}" in run.stdout
+    data = json.loads(out.read_text())
+    assert data["provenance"]["tuned"]["method"] in ("rule", "placement")
+    assert data["provenance"]["requests"] == {"cond": len(PROMPTS), "uncond": len(PROMPTS)}
