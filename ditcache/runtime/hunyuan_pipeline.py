@@ -14,7 +14,6 @@ grid (``sigma_i = 1 - i/N``, shifted), which is the grid diffusers' HunyuanVideo
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,10 +29,10 @@ from ditcache.runtime.adapters.hunyuan_video import HunyuanVideoAdapter
 from ditcache.runtime.denoise import (
     DenoisingPipeline,
     GenerationOutput,
-    as_prompt_list,
     params_cache_options,
 )
-from ditcache.runtime.loading import check_part, load_diffusers_model, part_spec, read_model_index
+from ditcache.runtime.loading import part_spec
+from ditcache.runtime.pipeline_common import check_output, conditioning, load_transformer_and_vae, scheduler_config
 from ditcache.runtime.scheduler import flow_match_schedule
 
 EXPERT = "transformer"
@@ -170,45 +169,22 @@ class HunyuanVideoPipeline(DenoisingPipeline):
         from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 
         root = Path(model_dir)
-        index = read_model_index(root)
-        transformer = load_diffusers_model(HunyuanVideoTransformer3DModel, check_part(root, "transformer"), dtype)
-        vae = None
-        if part_spec(index, "vae") is not None:
-            # Decoding runs once per request; fp32 keeps the frames clean.
-            vae = load_diffusers_model(AutoencoderKLHunyuanVideo, check_part(root, "vae"), torch.float32).to(device)
+        index, transformer, vae = load_transformer_and_vae(
+            root, HunyuanVideoTransformer3DModel, AutoencoderKLHunyuanVideo, dtype, device
+        )
         encoder = None
         # I2V checkpoints encode the prompt with LLaVA and the image; only the T2V Llama encoder is
         # loaded here, I2V requests bring prompt_embeds.
         if part_spec(index, "text_encoder") == ("transformers", "LlamaModel"):
             encoder = HunyuanPromptEncoder.from_pretrained(root, dtype=dtype).to(device)
-        shift = 7.0
-        if part_spec(index, "scheduler") is not None:
-            config = json.loads((check_part(root, "scheduler") / "scheduler_config.json").read_text())
-            shift = float(config.get("shift", shift))
-        return cls(transformer.to(device), vae, encoder, default_shift=shift, parallel=parallel)
+        shift = float(scheduler_config(root, index).get("shift", 7.0))
+        return cls(transformer, vae, encoder, default_shift=shift, parallel=parallel)
 
     @property
     def image_condition_type(self) -> str | None:
         return self.adapter.transformer.config.image_condition_type
 
     # -- inputs ------------------------------------------------------------------------------------
-
-    def _conditioning(
-        self, prompt: str | list[str] | None, embeds: HunyuanPromptEmbeds | None, what: str, batch: int = 1
-    ) -> HunyuanPromptEmbeds:
-        """Encode ``prompt`` (one prompt is repeated ``batch`` times) unless ``embeds`` are given."""
-        model = self.adapter.transformer
-        if embeds is None:
-            if prompt is None:
-                raise ParamsError(f"pass {what} (a string or list) or {what}_embeds (HunyuanPromptEmbeds)")
-            if self.prompt_encoder is None:
-                raise ParamsError(
-                    f"this pipeline has no prompt encoder (no text_encoder/ in the model directory): pass "
-                    f"{what}_embeds=HunyuanPromptEmbeds(...) instead of {what}"
-                )
-            prompts = as_prompt_list(prompt, what)
-            embeds = self.prompt_encoder.encode(prompts * batch if len(prompts) == 1 else prompts)
-        return embeds.to(model.device, model.dtype)
 
     def _scale_factors(self) -> tuple[int, int]:
         """(temporal, spatial) compression of the VAE; HunyuanVideo's (4, 8) when there is none."""
@@ -289,13 +265,9 @@ class HunyuanVideoPipeline(DenoisingPipeline):
         ``output_type="latent"`` returns the latents in ``frames`` (no VAE needed).
         """
         start = time.perf_counter()
-        if output_type not in ("frames", "latent"):
-            raise ParamsError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
-        if output_type == "frames" and self.vae is None:
-            raise ParamsError("decoding frames needs a vae; pass output_type='latent' or build the pipeline with one")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ParamsError(f"seed must be an integer, got {seed!r}")
-        cond = self._conditioning(prompt, prompt_embeds, "prompt")
+        check_output(output_type, self.vae is not None, seed)
+        model = self.adapter.transformer
+        cond = conditioning(self.prompt_encoder, prompt, prompt_embeds, "prompt", model)
         has_negative = negative_prompt is not None or negative_prompt_embeds is not None
         do_cfg = guidance_scale > 1.0 and has_negative
         if guidance_scale > 1.0 and not has_negative:
@@ -307,7 +279,9 @@ class HunyuanVideoPipeline(DenoisingPipeline):
         batch = cond.embeds.shape[0]
         uncond = None
         if do_cfg:
-            uncond = self._conditioning(negative_prompt, negative_prompt_embeds, "negative_prompt", batch)
+            uncond = conditioning(
+                self.prompt_encoder, negative_prompt, negative_prompt_embeds, "negative_prompt", model, batch
+            )
             if uncond.embeds.shape[0] != batch:
                 raise ParamsError(f"{uncond.embeds.shape[0]} negative conditionings for {batch} prompts")
 
@@ -319,7 +293,6 @@ class HunyuanVideoPipeline(DenoisingPipeline):
             ada_taylor_taylor_threshold,
         )
 
-        model = self.adapter.transformer
         device, dtype = model.device, model.dtype
         frames, h, w = self._latent_grid(height, width, num_frames)
         kind = self.image_condition_type

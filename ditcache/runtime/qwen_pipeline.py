@@ -17,7 +17,6 @@ The prompt encoder (Qwen2.5-VL 7B) is large: requests can bring :class:`QwenProm
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -33,10 +32,10 @@ from ditcache.runtime.adapters.qwen_image import QwenImageAdapter
 from ditcache.runtime.denoise import (
     DenoisingPipeline,
     GenerationOutput,
-    as_prompt_list,
     params_cache_options,
 )
-from ditcache.runtime.loading import check_part, load_diffusers_model, part_spec, read_model_index
+from ditcache.runtime.loading import part_spec
+from ditcache.runtime.pipeline_common import check_output, conditioning, load_transformer_and_vae, scheduler_config
 from ditcache.runtime.scheduler import flow_match_schedule
 
 EXPERT = "transformer"
@@ -200,24 +199,20 @@ class QwenImagePipeline(DenoisingPipeline):
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
         root = Path(model_dir)
-        index = read_model_index(root)
-        transformer = load_diffusers_model(QwenImageTransformer2DModel, check_part(root, "transformer"), dtype)
-        vae = None
-        if part_spec(index, "vae") is not None:
-            vae = load_diffusers_model(AutoencoderKLQwenImage, check_part(root, "vae"), torch.float32).to(device)
+        index, transformer, vae = load_transformer_and_vae(
+            root, QwenImageTransformer2DModel, AutoencoderKLQwenImage, dtype, device
+        )
         encoder = None
         if part_spec(index, "text_encoder") is not None:
             encoder = QwenPromptEncoder.from_pretrained(root, dtype=dtype).to(device)
-        shift = DynamicShift()
-        if part_spec(index, "scheduler") is not None:
-            config = json.loads((check_part(root, "scheduler") / "scheduler_config.json").read_text())
-            shift = DynamicShift(
-                config.get("base_image_seq_len", shift.base_seq_len),
-                config.get("max_image_seq_len", shift.max_seq_len),
-                config.get("base_shift", shift.base_shift),
-                config.get("max_shift", shift.max_shift),
-            )
-        return cls(transformer.to(device), vae, encoder, dynamic_shift=shift, parallel=parallel)
+        config, default = scheduler_config(root, index), DynamicShift()
+        shift = DynamicShift(
+            config.get("base_image_seq_len", default.base_seq_len),
+            config.get("max_image_seq_len", default.max_seq_len),
+            config.get("base_shift", default.base_shift),
+            config.get("max_shift", default.max_shift),
+        )
+        return cls(transformer, vae, encoder, dynamic_shift=shift, parallel=parallel)
 
     # -- geometry and latents ----------------------------------------------------------------------
 
@@ -289,28 +284,6 @@ class QwenImagePipeline(DenoisingPipeline):
             out.append(ref.float().expand(batch, -1, -1, -1))
         return out
 
-    def _conditioning(
-        self,
-        prompt: str | list[str] | None,
-        embeds: QwenPromptEmbeds | None,
-        what: str,
-        images: list[Any],
-        batch: int = 1,
-    ) -> QwenPromptEmbeds:
-        """Encode ``prompt`` (one prompt is repeated ``batch`` times) unless ``embeds`` are given."""
-        model = self.adapter.transformer
-        if embeds is None:
-            if prompt is None:
-                raise ParamsError(f"pass {what} (a string or list) or {what}_embeds (QwenPromptEmbeds)")
-            if self.prompt_encoder is None:
-                raise ParamsError(
-                    f"this pipeline has no prompt encoder (no text_encoder/ in the model directory): pass "
-                    f"{what}_embeds=QwenPromptEmbeds(...) instead of {what}"
-                )
-            prompts = as_prompt_list(prompt, what)
-            embeds = self.prompt_encoder.encode(prompts * batch if len(prompts) == 1 else prompts, images)
-        return embeds.to(model.device, model.dtype)
-
     # -- the request -------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -350,12 +323,7 @@ class QwenImagePipeline(DenoisingPipeline):
         in [0, 1], or with ``output_type="latent"`` the latents ``[B, C, 1, h, w]``.
         """
         start = time.perf_counter()
-        if output_type not in ("frames", "latent"):
-            raise ParamsError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
-        if output_type == "frames" and self.vae is None:
-            raise ParamsError("decoding images needs a vae; pass output_type='latent' or build the pipeline with one")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ParamsError(f"seed must be an integer, got {seed!r}")
+        check_output(output_type, self.vae is not None, seed)
         if reference_images and reference_latents:
             raise ParamsError("pass reference_images or reference_latents, not both")
         condition_images: list[Any] = []
@@ -366,20 +334,21 @@ class QwenImagePipeline(DenoisingPipeline):
                 width, height = image_size_for_area(VAE_IMAGE_AREA, last.size[0] / last.size[1])
                 multiple = self.vae_scale_factor * self.adapter.patch_size[0]
                 width, height = width // multiple * multiple, height // multiple * multiple
-        cond = self._conditioning(prompt, prompt_embeds, "prompt", condition_images)
+        model = self.adapter.transformer
+        cond = conditioning(self.prompt_encoder, prompt, prompt_embeds, "prompt", model, 1, condition_images)
         batch = cond.embeds.shape[0]
         do_cfg = guidance_scale > 1.0
         uncond = None
         if do_cfg:
             if negative_prompt is None and negative_prompt_embeds is None:
                 negative_prompt = " "
-            uncond = self._conditioning(
-                negative_prompt, negative_prompt_embeds, "negative_prompt", condition_images, batch
+            uncond = conditioning(
+                self.prompt_encoder, negative_prompt, negative_prompt_embeds, "negative_prompt", model, batch,
+                condition_images,
             )
             if uncond.embeds.shape[0] != batch:
                 raise ParamsError(f"{uncond.embeds.shape[0]} negative conditionings for {batch} prompts")
 
-        model = self.adapter.transformer
         device, dtype = model.device, model.dtype
         h, w = self._latent_size(1024 if height is None else height, 1024 if width is None else width)
         references = self._check_references(reference_latents or [], batch)
