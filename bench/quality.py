@@ -58,6 +58,7 @@ from ditcache.cache.base import BaseFeatureCache  # noqa: E402
 from ditcache.params import load_params, params_from_dict  # noqa: E402
 from ditcache.runtime.loading import load_model_dir  # noqa: E402
 from ditcache.runtime.pipeline import pipeline_for  # noqa: E402
+from ditcache.cache.schedule import resample_nearest  # noqa: E402
 from ditcache.runtime.scheduler import flow_match_schedule  # noqa: E402
 
 import peers  # noqa: E402
@@ -67,7 +68,8 @@ DOC = REPO / "docs" / "benchmarks.md"
 PSNR_CAP_DB = 100.0  # identical images (the uncached row) report this instead of +inf (strict JSON)
 EVAL_SEED_BASE = 1_000_000  # sample i uses seed EVAL_SEED_BASE + i, class i % 10
 CALIB_SEED_BASE = 2_000_000  # calibration sample j uses seed CALIB_SEED_BASE + j: disjoint by construction
-WAN_CURVES = {"reference-digits": "Wan2.1-T2V-1.3B", "reference-digits-moe": "Wan2.2-T2V-A14B"}
+# The published curve the schedule rules also run with (resampled to the run's steps).
+WAN_CURVES = {"reference-digits": "Wan2.1-T2V-1.3B"}
 TABLE_BEGIN, TABLE_END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
 
 
@@ -334,22 +336,22 @@ class Grid:
 FULL_GRID = Grid(
     ours_retention=[0.1, 0.2],
     ours_K=[2, 3, 4, 6],
-    ours_thresh=[0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 100.0],
+    ours_thresh=[0.03, 0.06, 0.12, 0.25, 0.5, 100.0],  # 100: only K and the warm-up limit skipping
     taylor_thresholds=[1, 2, 3],
-    wan_thresh=[0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 100.0],
+    wan_thresh=[0.05, 0.1, 0.2, 0.4, 100.0],
     intervals=[2, 3, 4, 5, 6],
     fbc_thresh=[0.02, 0.05, 0.08, 0.12, 0.16, 0.24, 0.32, 0.5],
     teacache_thresh=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2],
 )
 QUICK_GRID = Grid(
-    ours_retention=[0.1, 0.2],
+    ours_retention=[0.1],
     ours_K=[2, 4],
-    ours_thresh=[0.05, 0.2, 100.0],
+    ours_thresh=[0.1, 100.0],
     taylor_thresholds=[2],
-    wan_thresh=[0.1, 100.0],
-    intervals=[2, 3, 5],
-    fbc_thresh=[0.05, 0.12, 0.3],
-    teacache_thresh=[0.1, 0.3, 0.8],
+    wan_thresh=[],
+    intervals=[2, 3],
+    fbc_thresh=[0.08, 0.2],
+    teacache_thresh=[0.2, 0.6],
 )
 SMOKE_GRID = Grid(
     ours_retention=[0.2],
@@ -363,20 +365,29 @@ SMOKE_GRID = Grid(
 )
 
 
-def _plan_of(caches: dict[str, BaseFeatureCache]) -> tuple:
-    return tuple((e, tuple(c.planned_compute_steps(True)), tuple(c.planned_compute_steps(False))) for e, c in caches.items())
+def _plan_of(work: Workload, caches: dict[str, BaseFeatureCache]) -> tuple:
+    """Per expert and branch, the planned compute steps among the steps that expert runs."""
+    plan = []
+    for e, c in caches.items():
+        own = {s for s, x in enumerate(work.experts) if x == e}
+        plan.append((e, tuple(s for s in c.planned_compute_steps(True) if s in own),
+                     tuple(s for s in c.planned_compute_steps(False) if s in own)))  # fmt: skip
+    return tuple(plan)
 
 
-def _max_elapsed(plan: tuple, steps: int) -> int:
+def _plan_speedup(work: Workload, plan: tuple) -> float:
+    passes = sum(len(cond) + len(uncond) for _, cond, uncond in plan)
+    return 2 * work.steps / passes
+
+
+def _max_elapsed(plan: tuple) -> int:
     """Longest distance from a skipped step back to its last computed step, over experts and branches."""
     worst = 0
     for _, *branches in plan:
         for computed in branches:
             computed = sorted(computed)
-            for s in range(computed[0], max(computed) + 1 if computed else 0):
-                last = max((c for c in computed if c <= s), default=None)
-                if last is not None:
-                    worst = max(worst, s - last)
+            for a, b in zip(computed, computed[1:]):
+                worst = max(worst, b - a - 1)
     return worst
 
 
@@ -395,45 +406,61 @@ def with_settings(params, **changes):
     return replace(params, **changes)
 
 
-def build_runners(work: Workload, calib: Calibration, grid: Grid) -> list[Runner]:
-    runners: list[Runner] = []
-    seen: set = set()
+class RunnerSet:
+    """The runners of one model, de-duplicated by what they would actually do."""
 
-    def add(runner: Runner, key) -> None:
-        if key in seen:
-            return
-        seen.add(key)
+    def __init__(self, work: Workload, speedup_range: tuple[float, float]) -> None:
+        self.work = work
+        self.range = speedup_range
+        self.runners: list[Runner] = []
+        self.seen: set = set()
+
+    def add(self, runner: Runner, key, ideal: float | None = None) -> Runner | None:
+        """Add unless an equivalent run exists or its (known) ideal speedup is outside the range."""
+        if key in self.seen:
+            return None
+        if ideal is not None and not self.range[0] <= ideal < self.range[1]:
+            return None
+        self.seen.add(key)
         runner.key = key
-        runners.append(runner)
+        self.runners.append(runner)
+        return runner
 
-    add(AdapterRunner(work, "uncached", {}, {e: None for e in work.used_experts()}), ("uncached",))
-    add(DiffusersRunner(work, "diffusers-uncached", {}, work.transformers, hooked=False), ("diffusers-uncached",))
+    def ada(self, params, order: int, tt: int, suffix: str = "") -> Runner | None:
+        work = self.work
+        plan = _plan_of(work, ada_caches(work, params, 0, 1))
+        effective_tt = min(tt, max(_max_elapsed(plan), 1)) if order else 0
+        setting = {"thresh": params.thresh, "K": params.K, "retention_ratio": params.retention_ratio}
+        if order:
+            setting["taylor_threshold"] = tt
+        if suffix:
+            setting["curve"] = params.model_type
+        key = ("ours", suffix, order, effective_tt, plan)
+        if key in self.seen:
+            return None
+        runner = AdapterRunner(work, f"ditcache-ada_taylor-o{order}{suffix}", setting, ada_caches(work, params, order, tt))
+        runner.params, runner.order, runner.suffix = params, order, suffix
+        return self.add(runner, key, _plan_speedup(work, plan))
+
+
+def build_runners(work: Workload, calib: Calibration, grid: Grid, speedup_range: tuple[float, float]) -> RunnerSet:
+    """Stage-1 grid: every method over its knob (ours and the Taylor rules at taylor_threshold 2)."""
+    rs = RunnerSet(work, speedup_range)
+    rs.add(AdapterRunner(work, "uncached", {}, {e: None for e in work.used_experts()}), ("uncached",))
+    rs.add(DiffusersRunner(work, "diffusers-uncached", {}, work.transformers, hooked=False), ("diffusers-uncached",))
 
     # ditcache AdaTaylorCache on the curve calibrated here, and on the published Wan curve.
     wan_params = load_params(WAN_CURVES[work.name]) if work.name in WAN_CURVES else None
-    curves = [("", calib.params, grid.ours_thresh, (0, 1, 2), grid.taylor_thresholds)]
-    if wan_params is not None:
-        curves.append(("-wancurve", wan_params, grid.wan_thresh, (1,), [2]))
-    for suffix, base, thresholds, orders, tts in curves:
+    curves = [("", calib.params, grid.ours_thresh, (0, 1, 2))]
+    if wan_params is not None and grid.wan_thresh:
+        curves.append(("-wancurve", wan_params, grid.wan_thresh, (1,)))
+    for suffix, base, thresholds, orders in curves:
         for retention in grid.ours_retention:
             for K in grid.ours_K:
                 for thresh in thresholds:
                     params = with_settings(base, K=K, thresh=thresh, retention_ratio=retention)
-                    plan = _plan_of(ada_caches(work, params, 0, 1))
-                    elapsed = _max_elapsed(plan, work.steps)
                     for order in orders:
-                        for tt in (tts if order else [1]):
-                            effective_tt = min(tt, max(elapsed, 1)) if order else 0
-                            setting = {"thresh": thresh, "K": K, "retention_ratio": retention}
-                            if order:
-                                setting["taylor_threshold"] = tt
-                            if suffix:
-                                setting["curve"] = base.model_type
-                            add(
-                                AdapterRunner(work, f"ditcache-ada_taylor-o{order}{suffix}", setting,
-                                              ada_caches(work, params, order, tt)),  # fmt: skip
-                                ("ours", suffix, order, effective_tt, plan),
-                            )
+                        rs.ada(params, order, 2, suffix)
 
     # TaylorSeer's fixed-interval rule at the block-stack level.
     for order in (1, 2):
@@ -442,60 +469,58 @@ def build_runners(work: Workload, calib: Calibration, grid: Grid) -> list[Runner
                 e: peers.FixedIntervalTaylorCache(work.steps, interval, order, warmup=3, init_step=work.first_step(e))
                 for e in work.used_experts()
             }
-            add(AdapterRunner(work, f"taylorseer-interval-o{order}", {"interval": interval, "warmup": 3}, caches),
-                ("ts", order, interval))  # fmt: skip
+            rs.add(AdapterRunner(work, f"taylorseer-interval-o{order}", {"interval": interval, "warmup": 3}, caches),
+                   ("ts", order, interval))  # fmt: skip
 
     # TeaCache's rule with its polynomial fitted on the calibration run.
+    warmup = max(1, work.steps // 10)
     for thresh in grid.teacache_thresh:
         caches = {
-            e: peers.TeaCacheRule(work.steps, calib.teacache_coefficients, thresh, warmup=max(1, work.steps // 10),
-                                  init_step=work.first_step(e))  # fmt: skip
+            e: peers.TeaCacheRule(work.steps, calib.teacache_coefficients, thresh, warmup=warmup, init_step=work.first_step(e))
             for e in work.used_experts()
         }
-        add(AdapterRunner(work, "teacache", {"thresh": thresh, "warmup": max(1, work.steps // 10)}, caches,
-                          forward=peers.teacache_forward), ("tea", thresh))  # fmt: skip
+        rs.add(AdapterRunner(work, "teacache", {"thresh": thresh, "warmup": warmup}, caches,
+                             forward=peers.teacache_forward), ("tea", thresh))  # fmt: skip
 
     # diffusers' hooks on (copies of) the same transformers.
     for thresh in grid.fbc_thresh:
         models = {e: peers.hooked_copy(work.transformers[e], peers.make_diffusers_config("fbc", threshold=thresh))
                   for e in work.used_experts()}  # fmt: skip
-        add(DiffusersRunner(work, "diffusers-fbc", {"threshold": thresh}, models, hooked=True), ("fbc", thresh))
+        rs.add(DiffusersRunner(work, "diffusers-fbc", {"threshold": thresh}, models, hooked=True), ("fbc", thresh))
     mag_curves = [("", calib.params.cond_mag_ratios, grid.ours_thresh)]
-    if wan_params is not None:
-        from ditcache.cache.schedule import resample_nearest
-
+    if wan_params is not None and grid.wan_thresh:
         mag_curves.append(("-wancurve", resample_nearest(wan_params.cond_mag_ratios, work.steps), grid.wan_thresh))
     for suffix, curve, thresholds in mag_curves:
         for retention in grid.ours_retention:
             for K in grid.ours_K:
                 for thresh in thresholds:
-                    models, plan = {}, []
+                    configs, plan = {}, []
                     for e in work.used_experts():
                         steps_e = [s for s, x in enumerate(work.experts) if x == e]
                         # Each expert's hook counts its own steps from 0: give it its slice of the curve.
                         ratios = [curve[s] for s in steps_e]
-                        kw = dict(threshold=thresh, max_skip_steps=K, retention_ratio=retention,
-                                  num_inference_steps=len(steps_e), mag_ratios=ratios)  # fmt: skip
+                        configs[e] = dict(threshold=thresh, max_skip_steps=K, retention_ratio=retention,
+                                          num_inference_steps=len(steps_e), mag_ratios=ratios)  # fmt: skip
                         plan.append(tuple(peers.diffusers_magcache_plan(ratios, len(steps_e), thresh, K, retention)))
-                        models[e] = kw
                     key = ("mag", suffix, tuple(plan))
-                    if key in seen:
+                    ideal = work.steps / sum(len(p) for p in plan)
+                    if key in rs.seen or not rs.range[0] <= ideal < rs.range[1]:
                         continue
                     models = {e: peers.hooked_copy(work.transformers[e], peers.make_diffusers_config("magcache", **kw))
-                              for e, kw in models.items()}  # fmt: skip
+                              for e, kw in configs.items()}  # fmt: skip
                     setting = {"threshold": thresh, "max_skip_steps": K, "retention_ratio": retention}
                     if suffix:
                         setting["curve"] = WAN_CURVES[work.name]
-                    add(DiffusersRunner(work, f"diffusers-magcache{suffix}", setting, models, hooked=True), key)
+                    rs.add(DiffusersRunner(work, f"diffusers-magcache{suffix}", setting, models, hooked=True), key)
     for order in (1, 2):
         for interval in grid.intervals:
             cfg = dict(cache_interval=interval, max_order=order, disable_cache_before_step=3)
             models = {e: peers.hooked_copy(work.transformers[e], peers.make_diffusers_config("taylorseer", **cfg))
                       for e in work.used_experts()}  # fmt: skip
             setting = {"cache_interval": interval, "disable_cache_before_step": 3, "cache_identifiers": "blocks.N"}
-            add(DiffusersRunner(work, f"diffusers-taylorseer-o{order}", setting, models, hooked=True),
-                ("dts", order, interval))  # fmt: skip
-    return runners
+            rs.add(DiffusersRunner(work, f"diffusers-taylorseer-o{order}", setting, models, hooked=True),
+                   ("dts", order, interval))  # fmt: skip
+    return rs
 
 
 # =============================================================================================
@@ -630,48 +655,67 @@ def rows_of(work: Workload, batch: Batch, records: list[RunRecord], classifier) 
     return rows
 
 
-def select_for_eval(screen_rows: list[dict], runners: list[Runner], bands: list[float]) -> list[Runner]:
-    """Per method and per band of ideal speedup, the setting with the best PSNR on the screening
-    (calibration-seed) batch. Evaluation seeds play no part in the choice."""
+def band_of(ideal: float, bands: list[float]) -> int | None:
+    return next((i for i in range(len(bands) - 1) if bands[i] <= ideal < bands[i + 1]), None)
+
+
+def best_per_band(screen_rows: list[dict], runners: list[Runner], bands: list[float]) -> dict:
+    """{(method, band): (psnr, runner)}: per method and band of ideal speedup, the best screening PSNR."""
     chosen: dict = {}
     for row, runner in zip(screen_rows, runners):
         if runner.method in ("uncached", "diffusers-uncached"):
             chosen[("base", runner.method)] = (math.inf, runner)
             continue
-        ideal = row["ideal_speedup"] or 0
-        band = next((i for i in range(len(bands) - 1) if bands[i] <= ideal < bands[i + 1]), None)
+        band = band_of(row["ideal_speedup"] or 0, bands)
         if band is None:
             continue
         slot = (runner.method, band)
         if slot not in chosen or row["psnr"] > chosen[slot][0]:
             chosen[slot] = (row["psnr"], runner)
-    picked = {id(r) for _, r in chosen.values()}
-    return [r for r in runners if id(r) in picked]
+    return chosen
 
 
 def run_model(work: Workload, calib: Calibration, screen_batch: Batch, eval_batch: Batch, grid: Grid,
               bands: list[float], classifier, reps: int, timing_samples: int, log) -> tuple[list[dict], list[dict]]:
-    """Screen every setting on the calibration seeds, then evaluate the chosen ones on the evaluation
-    seeds (quality on the whole batch, timing on its first ``timing_samples`` samples)."""
-    runners = build_runners(work, calib, grid)
-    counter = attach_counter(work, runners)
-    log(f"[{work.name}] screening {len(runners)} settings on {len(screen_batch)} calibration-seed samples")
-    screen_records = [RunRecord(r) for r in runners]
+    """Screen the grid on calibration seeds (stage 1; stage 2 sweeps taylor_threshold around the best
+    order-1/2 plans per band), then evaluate per method and band the best screened setting on the
+    evaluation seeds: quality on the whole batch, timing on its first ``timing_samples`` samples.
+    Evaluation seeds play no part in choosing what is evaluated."""
+    rs = build_runners(work, calib, grid, (bands[0], bands[-1]))
+    counter = attach_counter(work, rs.runners)
+    log(f"[{work.name}] stage-1 screening: {len(rs.runners)} settings on {len(screen_batch)} calibration-seed samples")
+    screen_records = [RunRecord(r) for r in rs.runners]
     quality_pass(work, screen_batch, screen_records, counter, log, "screening")
+    # Stage 2: taylor_threshold sweep on the per-band best plans of orders 1 and 2.
+    stage1_rows = rows_of(work, screen_batch, screen_records, classifier)
+    extra = []
+    for (method, _), (_, runner) in best_per_band(stage1_rows, rs.runners, bands).items():
+        if getattr(runner, "order", 0) >= 1:
+            for tt in grid.taylor_thresholds:
+                new = rs.ada(runner.params, runner.order, tt, runner.suffix)
+                if new is not None:
+                    extra.append(new)
+    if extra:
+        log(f"[{work.name}] stage-2 screening: taylor_threshold {grid.taylor_thresholds} on {len(extra)} settings")
+        records2 = [RunRecord(r) for r in extra]
+        quality_pass(work, screen_batch, records2, counter, log, "screening-2")
+        screen_records += records2
     screen_rows = rows_of(work, screen_batch, screen_records, classifier)
     for rec in screen_records:
         rec.frames = None
-    chosen = select_for_eval(screen_rows, runners, bands)
+    picked = {id(r) for _, r in best_per_band(screen_rows, rs.runners, bands).values()}
+    chosen = [r for r in rs.runners if id(r) in picked]
     log(f"[{work.name}] evaluating {len(chosen)} settings on {len(eval_batch)} samples, timing x{reps} on {timing_samples}")
     records = [RunRecord(r) for r in chosen]
     quality_pass(work, eval_batch, records, counter, log, "evaluation")
     timing_pass(work, sub_batch(eval_batch, timing_samples), records, counter, reps, log)
     rows = rows_of(work, eval_batch, records, classifier)
-    return rows, [
+    screening = [
         {k: r[k] for k in ("model", "method", "setting", "compute_fraction", "psnr", "psnr_mean_per_image", "ssim")}
-        | {"evaluated": any(id(x) == id(runner) for x in chosen)}
-        for r, runner in zip(screen_rows, runners)
+        | {"evaluated": id(runner) in picked}
+        for r, runner in zip(screen_rows, rs.runners)
     ]
+    return rows, screening
 
 
 def train_classifier(seed: int = 0):
@@ -778,34 +822,48 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(front)
 
 
+METHOD_COLORS = {
+    "ditcache-ada_taylor-o0": "#1f77b4", "ditcache-ada_taylor-o1": "#d62728", "ditcache-ada_taylor-o2": "#ff7f0e",
+    "ditcache-ada_taylor-o1-wancurve": "#9467bd", "taylorseer-interval-o1": "#2ca02c", "taylorseer-interval-o2": "#98df8a",
+    "teacache": "#8c564b", "diffusers-fbc": "#e377c2", "diffusers-magcache": "#7f7f7f",
+    "diffusers-magcache-wancurve": "#bcbd22", "diffusers-taylorseer-o1": "#17becf", "diffusers-taylorseer-o2": "#9edae5",
+}  # fmt: skip
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """PSNR vs measured speedup (top) and vs block-pass speedup (bottom), one line per method (its Pareto front)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 6), squeeze=False)
-    cmap = plt.get_cmap("tab20")
-    for ax, model in zip(axes[0], models):
-        for i, method in enumerate(CACHED_METHODS_ORDER):
-            pts = [(r["speedup"], r["psnr"]) for r in rows if r["model"] == model and r["method"] == method]
-            if not pts:
-                continue
-            style = "-" if is_ours(method) else "--"
-            width = 2.4 if method == "ditcache-ada_taylor-o1" else 1.3
-            color = cmap(i)
-            ax.scatter(*zip(*pts), s=8, color=color, alpha=0.35)
-            front = pareto_front(pts)
-            ax.plot(*zip(*front), style, marker="o", ms=3.5, lw=width, color=color, label=method)
-        ax.set_xlabel("measured speedup vs uncached (x)")
-        ax.set_ylabel("PSNR vs uncached, pooled (dB)")
-        ax.set_title(f"{model}: quality vs speed (Pareto front per method; dots: all runs)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
+    fig, axes = plt.subplots(2, len(models), figsize=(7.5 * len(models), 11), squeeze=False)
+    for col, model in enumerate(models):
+        for row_i, (key, label) in enumerate([("speedup", "measured wall-clock speedup vs uncached (x)"),
+                                              ("ideal_speedup", "block-pass speedup = 1 / compute fraction (x)")]):  # fmt: skip
+            ax = axes[row_i][col]
+            for method in CACHED_METHODS_ORDER:
+                pts = [(r[key], r["psnr"]) for r in rows if r["model"] == model and r["method"] == method]
+                if not pts:
+                    continue
+                ours = is_ours(method)
+                color = METHOD_COLORS.get(method, "black")
+                ax.scatter(*zip(*pts), s=10, color=color, alpha=0.4)
+                front = pareto_front(pts)
+                ax.plot(*zip(*front), "-" if ours else "--", marker="o" if ours else "s", ms=4,
+                        lw=2.6 if method == "ditcache-ada_taylor-o1" else 1.4, color=color, label=method)  # fmt: skip
+            for target in MATCHED.values():
+                ax.axvline(MATCH_TOLERANCE * target, color="k", lw=0.6, ls=":")
+            ax.set_xlabel(label)
+            ax.set_ylabel("PSNR vs uncached, pooled over samples (dB)")
+            ax.set_title(f"{model}: PSNR vs {'measured' if key == 'speedup' else 'block-pass'} speedup")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle("Pareto front per method (lines); dots: every evaluated setting; dotted: 1.9x and 2.85x", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -837,10 +895,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+MOE_EVAL_BANDS = [1.9, 2.85, 5.0]  # the two-expert variant: the matched ~2x / ~3x points only
 EVAL_BANDS = {
     # ideal-speedup bands: each method's best screening setting per band is evaluated
-    "full": [1.3, 1.6, 1.9, 2.4, 2.85, 3.6, 100.0],
-    "quick": [1.3, 1.9, 2.85, 100.0],
+    "full": [1.5, 1.9, 2.4, 2.85, 5.0],
+    "quick": [1.9, 2.85, 5.0],
     "smoke": [1.0, 100.0],
 }
 
@@ -851,12 +910,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny end-to-end check (4 samples, 10 steps, 1 rep)")
     parser.add_argument("--samples", type=int, default=None, help="evaluation samples per model (sample i is class i %% 10)")
     parser.add_argument("--calib-samples", type=int, default=None, help="calibration/screening samples (other seeds)")
+    parser.add_argument("--screen-samples", type=int, default=None, help="screening samples (first calibration ones)")
     parser.add_argument("--timing-samples", type=int, default=None, help="samples of the timing batch (first of the eval batch)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 10 with --smoke)")
     parser.add_argument("--shift", type=float, default=5.0)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--reps", type=int, default=None, help="timing repeats, interleaved (minimum is quoted)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine two OpenMP threads stall each other)")
     parser.add_argument("--models", nargs="+", default=None, help="folders under ditcache/models, or paths")
     parser.add_argument("--out-json", type=Path, default=RESULTS / "quality.json")
     parser.add_argument("--out-png", type=Path, default=RESULTS / "quality_pareto.png")
@@ -870,7 +931,8 @@ def main(argv: list[str] | None = None) -> int:
     grid = {"smoke": SMOKE_GRID, "quick": QUICK_GRID, "full": FULL_GRID}[mode]
     samples = args.samples or {"smoke": 4, "quick": 20, "full": 100}[mode]
     calib_n = args.calib_samples or {"smoke": 4, "quick": 10, "full": 20}[mode]
-    timing_n = min(samples, args.timing_samples or {"smoke": 4, "quick": 10, "full": 20}[mode])
+    screen_n = min(calib_n, args.screen_samples or {"smoke": 4, "quick": 10, "full": 10}[mode])
+    timing_n = min(samples, args.timing_samples or {"smoke": 4, "quick": 5, "full": 10}[mode])
     reps = args.reps or {"smoke": 1, "quick": 3, "full": 3}[mode]
     steps = args.steps or (10 if args.smoke else 50)
     default_models = ["reference-digits"] if mode != "full" else ["reference-digits", "reference-digits-moe"]
@@ -916,7 +978,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[{name}] calibrated on seeds {calib_seeds[0]}..{calib_seeds[-1]} in {calib.seconds:.1f} s")
         eval_batch = make_batch(work, labels, eval_seeds)
         model_rows, model_screen = run_model(
-            work, calib, calib_batch, eval_batch, grid, EVAL_BANDS[mode], classifier, reps, timing_n, log
+            work, calib, sub_batch(calib_batch, screen_n), eval_batch, grid,
+            MOE_EVAL_BANDS if mode == "full" and len(work.used_experts()) > 1 else EVAL_BANDS[mode],
+            classifier, reps, timing_n, log,
         )
         rows += model_rows
         screening += model_screen
@@ -945,11 +1009,13 @@ def main(argv: list[str] | None = None) -> int:
             "guidance_scale": args.guidance,
             "timing_reps": reps,
             "timing_samples": timing_n,
+            "screening_samples": screen_n,
             "timing": "wall time of the sampling loop on the first timing_samples evaluation samples; methods "
             "interleaved in a fresh shuffled order per repeat; minimum over repeats. speedup = uncached min / run min",
             "selection": "every grid setting is screened on the calibration seeds; per method and per band of "
             "ideal speedup the best screening PSNR is evaluated on the evaluation seeds",
             "eval_bands_ideal_speedup": EVAL_BANDS[mode],
+            "eval_bands_ideal_speedup_two_expert": MOE_EVAL_BANDS if mode == "full" else EVAL_BANDS[mode],
             "psnr_cap_db": PSNR_CAP_DB,
             "psnr": "pooled = 10 log10(1 / MSE over all samples and pixels); per image = mean of per-image PSNRs "
             "(each capped); images in [0, 1]",
