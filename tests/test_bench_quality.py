@@ -16,11 +16,16 @@ sys.path.insert(0, str(REPO / "bench"))
 import peers  # noqa: E402
 import quality  # noqa: E402
 
-from ditcache.models import REFERENCE_DIGITS  # noqa: E402
+from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE  # noqa: E402
 
 needs_reference = pytest.mark.skipif(
     not (REFERENCE_DIGITS / "model_index.json").is_file(), reason="the bundled reference model is not present"
 )
+
+
+def _present(path: Path):
+    return pytest.param(path, marks=pytest.mark.skipif(not (path / "model_index.json").is_file(),
+                                                       reason=f"{path.name} is not present"))  # fmt: skip
 REQUIRED_RUN_KEYS = {"method", "setting", "compute_fraction", "speedup", "psnr", "ssim", "accuracy"}
 
 
@@ -60,17 +65,19 @@ def test_smoke_run_end_to_end(tmp_path):
     )
 
 
-@needs_reference
-def test_sampling_loop_matches_the_pipeline():
-    """The benchmark's loop gives WanPipeline's samples, uncached and with an AdaTaylorCache."""
+@pytest.mark.parametrize("model_dir", [_present(REFERENCE_DIGITS), _present(REFERENCE_DIGITS_MOE)], ids=["base", "moe"])
+def test_sampling_loop_matches_the_pipeline(model_dir):
+    """The benchmark's loop gives the pipeline's samples, uncached and with per-expert AdaTaylorCaches."""
     torch.set_num_threads(1)
-    work = quality.make_workload(REFERENCE_DIGITS, "reference-digits", steps=8, shift=5.0, guidance=4.0)
+    steps = 8
+    work = quality.make_workload(model_dir, model_dir.name, steps=steps, shift=5.0, guidance=4.0)
     seeds, labels = [11, 12], [3, 7]
     batch = quality.make_batch(work, labels, seeds)
     counter = quality.attach_counter(work, [])
-    uncached = quality.AdapterRunner(work, "uncached", {}, {"transformer": None})
+    uncached = quality.AdapterRunner(work, "uncached", {}, {e: None for e in work.used_experts()})
     params = quality.params_from_dict(
-        {"K": 2, "thresh": 10.0, "retention_ratio": 0.2, "cond_mag_ratios": [1.0] * 8, "uncond_mag_ratios": [1.0] * 8}
+        {"K": 2, "thresh": 10.0, "retention_ratio": 0.2, "cond_mag_ratios": [1.0] * steps,
+         "uncond_mag_ratios": [1.0] * steps}  # fmt: skip
     )
     caches = quality.ada_caches(work, params, 1, 2)
     cached = quality.AdapterRunner(work, "o1", {}, caches)
@@ -78,16 +85,17 @@ def test_sampling_loop_matches_the_pipeline():
         frames_u, calls_u = quality.sample(work, batch, uncached.predict, counter)
         cached.reset()
         frames_c, calls_c = quality.sample(work, batch, cached.predict, counter)
-    assert calls_u == {"cond": 8 * work.num_layers, "uncond": 8 * work.num_layers}
-    planned = len(caches["transformer"].planned_compute_steps(True))
-    assert calls_c["cond"] == planned * work.num_layers < calls_u["cond"]
+    assert calls_u == {"cond": steps * work.num_layers, "uncond": steps * work.num_layers}
+    plan = quality._plan_of(work, caches)
+    assert calls_c["cond"] == sum(len(cond) for _, cond, _ in plan) * work.num_layers < calls_u["cond"]
     for i, (seed, label) in enumerate(zip(seeds, labels)):
-        common = dict(num_inference_steps=8, guidance_scale=4.0, sigma_shift=5.0, seed=seed, progress=False)
+        common = dict(num_inference_steps=steps, guidance_scale=4.0, sigma_shift=5.0, seed=seed, progress=False)
         prompt = f"a handwritten {label}"
         ref = work.pipeline(prompt, enable_ada_taylor_cache=False, **common).frames
         torch.testing.assert_close(frames_u[i : i + 1], ref, atol=2e-5, rtol=0)
-        cache = quality.ada_caches(work, params, 1, 2)["transformer"]
-        ref_c = work.pipeline(prompt, feature_cache=cache, **common).frames
+        fresh = quality.ada_caches(work, params, 1, 2)
+        feature_cache = fresh if len(fresh) > 1 else fresh["transformer"]
+        ref_c = work.pipeline(prompt, feature_cache=feature_cache, **common).frames
         torch.testing.assert_close(frames_c[i : i + 1], ref_c, atol=2e-5, rtol=0)
 
 
