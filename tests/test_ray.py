@@ -91,7 +91,7 @@ def _write_tiny_model_dir(root: Path) -> None:
 def model_args(tmp_path_factory) -> list[str]:
     """The bundled reference model once it is trained, else a tiny random model directory; 8 steps,
     cache on (shipped Wan2.1 params for the tiny model) so the telemetry has skipped steps."""
-    common = ["--steps", "8", "--no-progress"]
+    common = ["--steps", "8", "--no-progress", "--timeout", "30"]
     if (REFERENCE_DIGITS / "model_index.json").is_file():
         return ["--model", "reference", *common]
     root = tmp_path_factory.mktemp("tiny-wan")
@@ -114,54 +114,80 @@ def _placement_released() -> bool:
     return False
 
 
-def test_two_actor_job_matches_single_process_runs(model_args, tmp_path):
-    # Until generate.py has --cfg-parallel the two actors are two replicas, one request each.
+# --ranks 2 as one CFG pair (two requests one after the other) or as two replicas (one request each)
+LAYOUTS = {"cfg-pair": ["--cfg-parallel", "2"], "two-replicas": []}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_two_actor_job_matches_single_process_runs(layout, model_args, tmp_path):
     args = ray_generate.build_parser().parse_args(
-        _prompts([*model_args, "--ranks", "2", "--output-dir", str(tmp_path / "ray")], PROMPTS)
+        _prompts(
+            [*model_args, *LAYOUTS[layout], "--ranks", "2", "--output-dir", str(tmp_path / "ray"), "--request-timeout", "60"],
+            PROMPTS,
+        )
     )
     job = ray_generate.run(args, keep_frames=True)
-    assert [r.label for r in job.results] == PROMPTS and {r.replica for r in job.results} == {0, 1}
+    assert [r.label for r in job.results] == PROMPTS
+    assert {r.replica for r in job.results} == ({0} if layout == "cfg-pair" else {0, 1})
     assert [Path(r.path).name for r in job.results] == ["000-a-cat.png", "001-a-dog.png"]
     written = json.loads(job.results_file.read_text())
 
     for i, (prompt, result) in enumerate(zip(PROMPTS, job.results)):
-        single = generate.run(generate.build_parser().parse_args([*model_args, "--prompt", prompt, "--output", str(tmp_path / f"{i}.png")]))
+        single_args = [*model_args, "--prompt", prompt, "--output", str(tmp_path / f"{i}.png")]
+        single = generate.run(generate.build_parser().parse_args(single_args))
         torch.testing.assert_close(result.output.frames, single.output.frames, atol=1e-4, rtol=0)
         assert result.output.stack_passes == single.output.stack_passes
         assert result.output.cache_stats == single.output.cache_stats
         assert written[i]["summary"] == result.output.summary() and written[i]["path"] == result.path
         assert written[i]["stack_passes"] == single.output.stack_passes
         assert Path(result.path).stat().st_size > 0
+        if layout == "cfg-pair":  # the cfg pair exchanged telemetry: rank 0 reports both branches
+            assert set(result.rank_wall_time_s) == {0, 1} and set(result.output.branch_steps) == {"cond", "uncond"}
     # the cache did something, and the telemetry says so
     assert "4 skipped" in job.results[0].output.summary()
     assert _placement_released()
 
 
 FAULTY_ENTRY = '''
-import os, time
+import itertools, os, time
+from ditcache.parallel.groups import Group
 from ditcache.parallel.ray_cluster import load_entry
 
 def run(args):
-    # the last rank of the world serving the "boom" request fails; every other rank generates
+    # On the "boom" request the last rank fails: at its third all-gather (mid-run, its CFG partner
+    # waiting in the same collective) or, with no peer, as it starts. Every other rank generates.
     if args.prompt == ["a boom"] and os.environ["RANK"] == str(int(os.environ["WORLD_SIZE"]) - 1):
-        {fault}
+        calls, all_gather = itertools.count(1), Group.all_gather
+
+        def fail(*_):
+            {fault}
+
+        if os.environ["WORLD_SIZE"] == "1":
+            fail()
+        Group.all_gather = lambda *a, **k: fail() if next(calls) == 3 else all_gather(*a, **k)
     return load_entry("launch/generate.py:run")(args)
 '''
+# fault -> (the fault, layout, what the job's error says)
 FAULTS = {
-    "raise": ('raise ValueError("exploded on purpose")', "rank 1 failed on request 1 ('a boom'): ValueError: exploded on purpose"),
-    "exit": ("os._exit(1)", "rank 1 failed on request 1 ('a boom'): its actor process died"),
-    "hang": ("time.sleep(3600)", "request 1 ('a boom') did not finish within 20 s: rank(s) [1] still running"),
+    "raise": (
+        'raise ValueError("exploded on purpose")', "cfg-pair",
+        "rank 1 failed on request 1 ('a boom'): ValueError: exploded on purpose",
+    ),
+    "exit": ("os._exit(1)", "cfg-pair", "rank 1 failed on request 1 ('a boom'): its actor process died"),
+    "hang": (
+        "time.sleep(3600)", "two-replicas", "request 1 ('a boom') did not finish within 20 s: rank(s) [1] still running"
+    ),
 }
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_failing_rank_fails_the_job_naming_it(fault, model_args, tmp_path, capsys):
-    code, message = FAULTS[fault]
+    code, layout, message = FAULTS[fault]
     entry = tmp_path / "faulty.py"
     entry.write_text(textwrap.dedent(FAULTY_ENTRY).replace("{fault}", code))
     timeout = 20
     argv = _prompts(
-        [*model_args, "--ranks", "2", "--output-dir", str(tmp_path / "out"), "--entry", f"{entry}:run",
+        [*model_args, *LAYOUTS[layout], "--ranks", "2", "--output-dir", str(tmp_path / "out"), "--entry", f"{entry}:run",
          "--request-timeout", str(timeout)],
         ["a cat", "a boom"],
     )

@@ -91,10 +91,11 @@ class Request:
 
 @dataclass
 class RankResult:
-    """What one rank's entry returned: its output path and output (frames dropped unless kept)."""
+    """What one rank's entry returned: where it wrote the output (None: another rank did) and the
+    output itself (frames dropped unless kept)."""
 
     rank: int
-    path: str
+    path: str | None
     output: GenerationOutput
 
 
@@ -105,7 +106,7 @@ class RequestResult:
     index: int
     label: str
     replica: int
-    path: str
+    path: str | None
     output: GenerationOutput
     wall_time_s: float
     rank_wall_time_s: dict[int, float] = field(default_factory=dict)
@@ -150,12 +151,16 @@ class RankActor:
     def setup(self, env: dict[str, str]) -> None:
         os.environ.update(env)
 
-    def run(self, args: argparse.Namespace, keep_frames: bool) -> RankResult:
+    def run(self, args: argparse.Namespace, keep_frames: bool, master_port: int) -> RankResult:
+        # A new rendezvous port per request: torch keeps a process's TCPStore server per port, so a
+        # process group re-formed on the old port would read the previous request's (stale) addresses.
+        os.environ["MASTER_PORT"] = str(master_port)
         result = self.entry(args)
         frames = result.output.frames
         # The driver needs telemetry, not pixels (a video is hundreds of MB); rank 0 has saved them.
         frames = frames.detach().cpu() if keep_frames else frames[:0].detach().cpu()
-        return RankResult(self.rank, str(result.path), dataclasses.replace(result.output, frames=frames))
+        path = None if result.path is None else str(result.path)
+        return RankResult(self.rank, path, dataclasses.replace(result.output, frames=frames))
 
 
 @dataclass
@@ -244,17 +249,14 @@ class RayRanks:
         nodes = self._get_all(
             {a.node.remote(): r for rep in self.replicas for a, r in zip(rep.actors, rep.ranks)}, timeout_s, "start"
         )
-        ports = self._get_all({rep.actors[0].free_port.remote(): rep.ranks[0] for rep in self.replicas}, timeout_s, "start")
         setups = {}
         for replica in self.replicas:
             for actor, rank in zip(replica.actors, replica.ranks):
-                env = self._rank_env(replica, rank, nodes, ports[replica.ranks[0]])
-                setups[actor.setup.remote(env)] = rank
+                setups[actor.setup.remote(self._rank_env(replica, rank, nodes))] = rank
         self._get_all(setups, timeout_s, "start")
 
-    def _rank_env(
-        self, replica: _Replica, rank: int, nodes: dict[int, tuple[str, list[str]]], port: int
-    ) -> dict[str, str]:
+    def _rank_env(self, replica: _Replica, rank: int, nodes: dict[int, tuple[str, list[str]]]) -> dict[str, str]:
+        """The torchrun variables but MASTER_PORT, which every request gets anew (see RankActor.run)."""
         ip = nodes[rank][0]
         same_node = [r for r in replica.ranks if nodes[r][0] == ip]
         env = {
@@ -263,7 +265,6 @@ class RayRanks:
             "WORLD_SIZE": str(len(replica.ranks)),
             "LOCAL_WORLD_SIZE": str(len(same_node)),
             "MASTER_ADDR": nodes[replica.ranks[0]][0],
-            "MASTER_PORT": str(port),
         }
         if self.use_gpus:
             # Ray shows each actor only its own GPU, but the per-rank code (like under torchrun) uses
@@ -291,7 +292,11 @@ class RayRanks:
         def send(replica: _Replica) -> None:
             if todo:
                 i = todo.popleft()
-                refs = {a.run.remote(requests[i].args, keep_frames): r for a, r in zip(replica.actors, replica.ranks)}
+                # found on rank 0's node; Ray hands the port to every rank's run without a driver round trip
+                port = replica.actors[0].free_port.remote()
+                refs = {
+                    a.run.remote(requests[i].args, keep_frames, port): r for a, r in zip(replica.actors, replica.ranks)
+                }
                 inflight[replica.index] = _InFlight(i, time.monotonic(), refs)
 
         for replica in self.replicas:
