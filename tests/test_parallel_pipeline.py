@@ -30,6 +30,7 @@ from ditcache.runtime.hunyuan_pipeline import HunyuanPromptEmbeds, HunyuanVideoP
 from ditcache.runtime.loading import ModelSettings
 from ditcache.runtime.pipeline import Wan22Pipeline, WanPipeline
 from ditcache.runtime.qwen_pipeline import QwenImagePipeline, QwenPromptEmbeds
+from ditcache.runtime.scheduler import flow_match_schedule
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -336,3 +337,47 @@ def test_torchrun_generate_cfg_parallel_writes_the_single_process_png(tmp_path):
     assert generate.main([*common, "--output", str(tmp_path / "single.png")]) == 0
     with Image.open(tmp_path / "cfg2.png") as parallel, Image.open(tmp_path / "single.png") as single:
         assert parallel.tobytes() == single.tobytes()
+
+
+# -- the bundled reference model (3 heads: CFG-parallel 2, or SP 3) ------------------------------------
+
+
+def _reference_runs(parallel: ParallelGroups | None) -> dict[tuple[str, str], torch.Tensor]:
+    from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE
+    from ditcache.runtime.pipeline import load_pipeline
+
+    frames = {}
+    for model in (REFERENCE_DIGITS, REFERENCE_DIGITS_MOE):
+        pipe = load_pipeline(model, parallel=parallel)
+        for cache in ("none", "ada_taylor"):
+            call = dict(prompt=["a handwritten 3", "seven"], num_inference_steps=STEPS, progress=False)
+            if cache == "none":
+                call["enable_ada_taylor_cache"] = False
+            elif isinstance(pipe, Wan22Pipeline):
+                switch = pipe._experts_per_step(flow_match_schedule(STEPS, pipe.settings.default_shift)).count(
+                    "transformer"
+                )
+                call["feature_cache"] = {"transformer": skipping_cache(), "transformer_2": skipping_cache(switch)}
+            else:
+                call["feature_cache"] = skipping_cache()
+            with torch.no_grad():
+                frames[(model.name, cache)] = pipe(**call).frames
+    return frames
+
+
+def _reference_job(rank: int, world: int, cfg_degree: int, sp_degree: int) -> dict[tuple[str, str], torch.Tensor]:
+    return _reference_runs(init_parallel(cfg_degree, sp_degree, timeout_s=60))
+
+
+@pytest.mark.parametrize("cfg_degree, sp_degree", [(2, 1), (1, 3)], ids=["cfg2", "sp3"])
+def test_reference_model_layouts_match_single_process(cfg_degree, sp_degree):
+    from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE
+
+    if not (REFERENCE_DIGITS / "model_index.json").is_file() or not (REFERENCE_DIGITS_MOE / "model_index.json").is_file():
+        pytest.skip("the bundled reference models are not present")
+    single = _reference_runs(None)
+    ranks = values_or_raise(run_ranks(_reference_job, cfg_degree * sp_degree, cfg_degree, sp_degree, timeout_s=240))
+    for key, expected in single.items():
+        diff = max((r[key] - expected).abs().max().item() for r in ranks)
+        print(f"reference cfg{cfg_degree} x sp{sp_degree} {key}: max abs diff {diff:.1e}")
+        assert diff <= TOL, (key, diff)
