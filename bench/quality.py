@@ -328,17 +328,21 @@ class Grid:
     ours_thresh: list[float]
     taylor_thresholds: list[int]
     wan_thresh: list[float]
+    wan_K: list[int]
+    wan_retention: list[float]
     intervals: list[int]
     fbc_thresh: list[float]
     teacache_thresh: list[float]
 
 
 FULL_GRID = Grid(
-    ours_retention=[0.1, 0.2],
-    ours_K=[2, 3, 4, 6],
-    ours_thresh=[0.03, 0.06, 0.12, 0.25, 0.5, 100.0],  # 100: only K and the warm-up limit skipping
+    ours_retention=[0.05, 0.1, 0.2],
+    ours_K=[1, 2, 3, 4, 6],
+    ours_thresh=[0.03, 0.08, 0.2, 0.5, 100.0],  # 100: only K and the warm-up limit skipping
     taylor_thresholds=[1, 2, 3],
     wan_thresh=[0.05, 0.1, 0.2, 0.4, 100.0],
+    wan_K=[2, 4, 6],
+    wan_retention=[0.1, 0.2],
     intervals=[2, 3, 4, 5, 6],
     fbc_thresh=[0.02, 0.05, 0.08, 0.12, 0.16, 0.24, 0.32, 0.5],
     teacache_thresh=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2],
@@ -349,6 +353,8 @@ QUICK_GRID = Grid(
     ours_thresh=[0.1, 100.0],
     taylor_thresholds=[2],
     wan_thresh=[],
+    wan_K=[],
+    wan_retention=[],
     intervals=[2, 3],
     fbc_thresh=[0.08, 0.2],
     teacache_thresh=[0.2, 0.6],
@@ -359,6 +365,8 @@ SMOKE_GRID = Grid(
     ours_thresh=[100.0],
     taylor_thresholds=[2],
     wan_thresh=[100.0],
+    wan_K=[2],
+    wan_retention=[0.2],
     intervals=[2],
     fbc_thresh=[0.1],
     teacache_thresh=[0.3],
@@ -449,18 +457,20 @@ def build_runners(work: Workload, calib: Calibration, grid: Grid, speedup_range:
     rs.add(AdapterRunner(work, "uncached", {}, {e: None for e in work.used_experts()}), ("uncached",))
     rs.add(DiffusersRunner(work, "diffusers-uncached", {}, work.transformers, hooked=False), ("diffusers-uncached",))
 
-    # ditcache AdaTaylorCache on the curve calibrated here, and on the published Wan curve.
+    # ditcache AdaTaylorCache on the curve calibrated here (orders 0 and 1; order 2 and the other
+    # taylor_thresholds in stage 2), and order 1 on the published Wan curve.
     wan_params = load_params(WAN_CURVES[work.name]) if work.name in WAN_CURVES else None
-    curves = [("", calib.params, grid.ours_thresh, (0, 1, 2))]
+    for retention in grid.ours_retention:
+        for K in grid.ours_K:
+            for thresh in grid.ours_thresh:
+                params = with_settings(calib.params, K=K, thresh=thresh, retention_ratio=retention)
+                for order in (0, 1):
+                    rs.ada(params, order, 2)
     if wan_params is not None and grid.wan_thresh:
-        curves.append(("-wancurve", wan_params, grid.wan_thresh, (1,)))
-    for suffix, base, thresholds, orders in curves:
-        for retention in grid.ours_retention:
-            for K in grid.ours_K:
-                for thresh in thresholds:
-                    params = with_settings(base, K=K, thresh=thresh, retention_ratio=retention)
-                    for order in orders:
-                        rs.ada(params, order, 2, suffix)
+        for retention in grid.wan_retention:
+            for K in grid.wan_K:
+                for thresh in grid.wan_thresh:
+                    rs.ada(with_settings(wan_params, K=K, thresh=thresh, retention_ratio=retention), 1, 2, "-wancurve")
 
     # TaylorSeer's fixed-interval rule at the block-stack level.
     for order in (1, 2):
@@ -487,12 +497,13 @@ def build_runners(work: Workload, calib: Calibration, grid: Grid, speedup_range:
         models = {e: peers.hooked_copy(work.transformers[e], peers.make_diffusers_config("fbc", threshold=thresh))
                   for e in work.used_experts()}  # fmt: skip
         rs.add(DiffusersRunner(work, "diffusers-fbc", {"threshold": thresh}, models, hooked=True), ("fbc", thresh))
-    mag_curves = [("", calib.params.cond_mag_ratios, grid.ours_thresh)]
+    mag_curves = [("", calib.params.cond_mag_ratios, grid.ours_thresh, grid.ours_K, grid.ours_retention)]
     if wan_params is not None and grid.wan_thresh:
-        mag_curves.append(("-wancurve", resample_nearest(wan_params.cond_mag_ratios, work.steps), grid.wan_thresh))
-    for suffix, curve, thresholds in mag_curves:
-        for retention in grid.ours_retention:
-            for K in grid.ours_K:
+        mag_curves.append(("-wancurve", resample_nearest(wan_params.cond_mag_ratios, work.steps), grid.wan_thresh,
+                           grid.wan_K, grid.wan_retention))  # fmt: skip
+    for suffix, curve, thresholds, Ks, retentions in mag_curves:
+        for retention in retentions:
+            for K in Ks:
                 for thresh in thresholds:
                     configs, plan = {}, []
                     for e in work.used_experts():
@@ -677,8 +688,8 @@ def best_per_band(screen_rows: list[dict], runners: list[Runner], bands: list[fl
 
 def run_model(work: Workload, calib: Calibration, screen_batch: Batch, eval_batch: Batch, grid: Grid,
               bands: list[float], classifier, reps: int, timing_samples: int, log) -> tuple[list[dict], list[dict]]:
-    """Screen the grid on calibration seeds (stage 1; stage 2 sweeps taylor_threshold around the best
-    order-1/2 plans per band), then evaluate per method and band the best screened setting on the
+    """Screen the grid on calibration seeds (stage 1; stage 2 runs AdaTaylorCache orders 1 and 2 at
+    every taylor_threshold on each band's best order-0/1 plans), then evaluate per method and band the best screened setting on the
     evaluation seeds: quality on the whole batch, timing on its first ``timing_samples`` samples.
     Evaluation seeds play no part in choosing what is evaluated."""
     rs = build_runners(work, calib, grid, (bands[0], bands[-1]))
@@ -686,15 +697,16 @@ def run_model(work: Workload, calib: Calibration, screen_batch: Batch, eval_batc
     log(f"[{work.name}] stage-1 screening: {len(rs.runners)} settings on {len(screen_batch)} calibration-seed samples")
     screen_records = [RunRecord(r) for r in rs.runners]
     quality_pass(work, screen_batch, screen_records, counter, log, "screening")
-    # Stage 2: taylor_threshold sweep on the per-band best plans of orders 1 and 2.
+    # Stage 2: orders 1 and 2 at every taylor_threshold on the per-band best plans of orders 0 and 1.
     stage1_rows = rows_of(work, screen_batch, screen_records, classifier)
     extra = []
     for (method, _), (_, runner) in best_per_band(stage1_rows, rs.runners, bands).items():
-        if getattr(runner, "order", 0) >= 1:
-            for tt in grid.taylor_thresholds:
-                new = rs.ada(runner.params, runner.order, tt, runner.suffix)
-                if new is not None:
-                    extra.append(new)
+        if method in ("ditcache-ada_taylor-o0", "ditcache-ada_taylor-o1"):
+            for order in (1, 2):
+                for tt in grid.taylor_thresholds:
+                    new = rs.ada(runner.params, order, tt, runner.suffix)
+                    if new is not None:
+                        extra.append(new)
     if extra:
         log(f"[{work.name}] stage-2 screening: taylor_threshold {grid.taylor_thresholds} on {len(extra)} settings")
         records2 = [RunRecord(r) for r in extra]
@@ -718,11 +730,11 @@ def run_model(work: Workload, calib: Calibration, screen_batch: Batch, eval_batc
     return rows, screening
 
 
-def train_classifier(seed: int = 0):
+def train_classifier(seed: int = 0, epochs: int = 4):
     from ditcache.runtime.reference import load_digits, train_digit_classifier
 
     images, labels = load_digits(16)
-    return train_digit_classifier(images, labels, seed=seed)
+    return train_digit_classifier(images, labels, epochs=epochs, seed=seed)
 
 
 # =============================================================================================
@@ -931,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = {"smoke": SMOKE_GRID, "quick": QUICK_GRID, "full": FULL_GRID}[mode]
     samples = args.samples or {"smoke": 4, "quick": 20, "full": 100}[mode]
     calib_n = args.calib_samples or {"smoke": 4, "quick": 10, "full": 20}[mode]
-    screen_n = min(calib_n, args.screen_samples or {"smoke": 4, "quick": 10, "full": 10}[mode])
+    screen_n = min(calib_n, args.screen_samples or {"smoke": 4, "quick": 10, "full": 5}[mode])
     timing_n = min(samples, args.timing_samples or {"smoke": 4, "quick": 5, "full": 10}[mode])
     reps = args.reps or {"smoke": 1, "quick": 3, "full": 3}[mode]
     steps = args.steps or (10 if args.smoke else 50)
@@ -952,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     calib_seeds = [CALIB_SEED_BASE + j for j in range(calib_n)]
     assert not set(eval_seeds) & set(calib_seeds), "calibration and evaluation seeds must be disjoint"
 
-    classifier = train_classifier()
+    classifier = train_classifier(epochs=1 if args.smoke else 4)
     log("classifier trained")
     rows: list[dict] = []
     screening: list[dict] = []
