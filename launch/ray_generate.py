@@ -6,11 +6,14 @@
     ray job submit --working-dir . -- python launch/ray_generate.py --ranks 2 --output-dir /shared/out
 
 Takes every argument of launch/generate.py. The ranks (``--ranks`` = dp x cfg x sp) form
-``--ranks / (cfg x sp)`` replicas; each request (prompt) goes to every rank of one replica, which runs
-generate.py's per-rank code exactly as under ``torchrun``. Without ``--address`` a local Ray cluster
-is started, unless the script runs as a Ray job (``RAY_ADDRESS`` is set), which joins the job's
-cluster. Rank 0 of each replica writes ``<output-dir>/NNN-<prompt>.png|mp4`` on its node; the driver
-prints one summary per request and writes ``<output-dir>/results.json``.
+``--ranks / (cfg x sp)`` replicas; each request (one prompt, seed ``--seed``, so it matches
+``generate.py --prompt ...``) goes to every rank of one replica, which runs generate.py's ``run``
+exactly as under ``torchrun``. Without ``--address`` a local Ray cluster is started, unless the
+script runs as a Ray job (``RAY_ADDRESS`` is set), which joins the job's cluster. Rank 0 of each
+replica writes ``<output-dir>/NNN-<prompt>.png|mp4`` on its node; the driver prints one summary per
+request and writes ``<output-dir>/results.json``. ``--timeout`` bounds each collective (as in
+generate.py), ``--request-timeout`` each request as seen by the driver: a rank that raises, dies or
+overruns fails the job with its rank and message (exit code 1).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import ray  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import generate  # noqa: E402
-from ditcache.errors import DitCacheError  # noqa: E402
+from ditcache.errors import DitCacheError, ParamsError  # noqa: E402
 from ditcache.parallel.config import ParallelConfig  # noqa: E402
 from ditcache.parallel.ray_cluster import (  # noqa: E402
     DEFAULT_ENTRY,
@@ -50,6 +53,8 @@ IMAGE_MODELS = (*generate.BUNDLED_MODELS, "qwen_image")
 
 @dataclass
 class JobResult:
+    """Every request's result (in prompt order), the results.json written, the job's wall time."""
+
     results: list[RequestResult]
     results_file: Path
     wall_time_s: float
@@ -99,9 +104,8 @@ def make_requests(args: argparse.Namespace, prompts: Sequence[str]) -> list[Requ
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:
-    # cfg/sp degrees are generate.py's options; absent there, every replica is one rank.
-    cfg, sp = getattr(args, "cfg_parallel", 1) or 1, getattr(args, "sp", 1) or 1
-    return ParallelConfig(cfg_degree=cfg, sp_degree=sp, world_size=args.ranks or cfg * sp)
+    """``--ranks`` (default: one replica) split into replicas of generate.py's ``--cfg-parallel x --sp``."""
+    return ParallelConfig(args.cfg_parallel, args.sp, world_size=args.ranks or args.cfg_parallel * args.sp)
 
 
 def run(args: argparse.Namespace, *, keep_frames: bool = False) -> JobResult:
@@ -109,6 +113,8 @@ def run(args: argparse.Namespace, *, keep_frames: bool = False) -> JobResult:
 
     Raises :class:`RayJobError` naming the rank when a rank raises, dies or overruns the timeout.
     """
+    if args.output is not None:
+        raise ParamsError("--output names one file; under Ray every prompt gets its own file in --output-dir")
     config = parallel_config(args)
     prompts = generate.read_prompts(args)
     generate.resolve_model(args.model, args.model_dir)  # a wrong --model fails here, before any cluster

@@ -22,7 +22,9 @@ from conftest import tiny_wan  # noqa: E402
 from ditcache.models import REFERENCE_DIGITS  # noqa: E402
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
-PROMPTS = ["a cat", "a dog"]  # the word-level tokenizer of the tiny model directory knows these words
+# Digit prompts for the reference model; the tiny model's word tokenizer reads them as <unk>s.
+PROMPTS = ["a handwritten 3", "a handwritten 7"]
+BOOM = "a handwritten 9"  # the request on which a faulty entry fails
 
 
 def _load(name: str):
@@ -90,13 +92,13 @@ def _write_tiny_model_dir(root: Path) -> None:
 @pytest.fixture(scope="module")
 def model_args(tmp_path_factory) -> list[str]:
     """The bundled reference model once it is trained, else a tiny random model directory; 8 steps,
-    cache on (shipped Wan2.1 params for the tiny model) so the telemetry has skipped steps."""
-    common = ["--steps", "8", "--no-progress", "--timeout", "30"]
+    cache on with the shipped Wan2.1-T2V-1.3B params, so the telemetry has skipped steps."""
+    common = ["--steps", "8", "--model-type", "Wan2.1-T2V-1.3B", "--no-progress", "--timeout", "30"]
     if (REFERENCE_DIGITS / "model_index.json").is_file():
         return ["--model", "reference", *common]
     root = tmp_path_factory.mktemp("tiny-wan")
     _write_tiny_model_dir(root)
-    return ["--model", "wan", "--model-dir", str(root), "--model-type", "Wan2.1-T2V-1.3B", "--num-frames", "1", *common]
+    return ["--model", "wan", "--model-dir", str(root), "--num-frames", "1", *common]
 
 
 def _prompts(args: list[str], prompts: list[str]) -> list[str]:
@@ -129,7 +131,7 @@ def test_two_actor_job_matches_single_process_runs(layout, model_args, tmp_path)
     job = ray_generate.run(args, keep_frames=True)
     assert [r.label for r in job.results] == PROMPTS
     assert {r.replica for r in job.results} == ({0} if layout == "cfg-pair" else {0, 1})
-    assert [Path(r.path).name for r in job.results] == ["000-a-cat.png", "001-a-dog.png"]
+    assert [Path(r.path).name for r in job.results] == ["000-a-handwritten-3.png", "001-a-handwritten-7.png"]
     written = json.loads(job.results_file.read_text())
 
     for i, (prompt, result) in enumerate(zip(PROMPTS, job.results)):
@@ -154,9 +156,9 @@ from ditcache.parallel.groups import Group
 from ditcache.parallel.ray_cluster import load_entry
 
 def run(args):
-    # On the "boom" request the last rank fails: at its third all-gather (mid-run, its CFG partner
+    # On the BOOM request the last rank fails: at its third all-gather (mid-run, its CFG partner
     # waiting in the same collective) or, with no peer, as it starts. Every other rank generates.
-    if args.prompt == ["a boom"] and os.environ["RANK"] == str(int(os.environ["WORLD_SIZE"]) - 1):
+    if args.prompt == [{boom}] and os.environ["RANK"] == str(int(os.environ["WORLD_SIZE"]) - 1):
         calls, all_gather = itertools.count(1), Group.all_gather
 
         def fail(*_):
@@ -167,29 +169,34 @@ def run(args):
         Group.all_gather = lambda *a, **k: fail() if next(calls) == 3 else all_gather(*a, **k)
     return load_entry("launch/generate.py:run")(args)
 '''
-# fault -> (the fault, layout, what the job's error says)
+# fault -> (the fault, the job: layout and prompts, what the job's error says)
 FAULTS = {
     "raise": (
-        'raise ValueError("exploded on purpose")', "cfg-pair",
-        "rank 1 failed on request 1 ('a boom'): ValueError: exploded on purpose",
+        'raise ValueError("exploded on purpose")', ["--cfg-parallel", "2", "--ranks", "2"], [PROMPTS[0], BOOM],
+        "rank 1 failed on request 1 ('a handwritten 9'): ValueError: exploded on purpose; then rank 0: StepSyncError",
     ),
-    "exit": ("os._exit(1)", "cfg-pair", "rank 1 failed on request 1 ('a boom'): its actor process died"),
+    "exit": (
+        "os._exit(1)", ["--cfg-parallel", "2", "--ranks", "2"], [PROMPTS[0], BOOM],
+        "rank 1 failed on request 1 ('a handwritten 9'): its actor process died",
+    ),
+    # one rank: the deadline is the only thing that can end its request
     "hang": (
-        "time.sleep(3600)", "two-replicas", "request 1 ('a boom') did not finish within 20 s: rank(s) [1] still running"
+        "time.sleep(3600)", ["--ranks", "1"], [BOOM],
+        "request 0 ('a handwritten 9') did not finish within 10 s: rank(s) [0] still running",
     ),
 }
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_failing_rank_fails_the_job_naming_it(fault, model_args, tmp_path, capsys):
-    code, layout, message = FAULTS[fault]
+    code, layout, prompts, message = FAULTS[fault]
     entry = tmp_path / "faulty.py"
-    entry.write_text(textwrap.dedent(FAULTY_ENTRY).replace("{fault}", code))
-    timeout = 20
+    entry.write_text(textwrap.dedent(FAULTY_ENTRY).replace("{fault}", code).replace("{boom}", repr(BOOM)))
+    timeout = 10 if fault == "hang" else 30
     argv = _prompts(
-        [*model_args, *LAYOUTS[layout], "--ranks", "2", "--output-dir", str(tmp_path / "out"), "--entry", f"{entry}:run",
+        [*model_args, *layout, "--output-dir", str(tmp_path / "out"), "--entry", f"{entry}:run",
          "--request-timeout", str(timeout)],
-        ["a cat", "a boom"],
+        prompts,
     )
     started = time.monotonic()
     assert ray_generate.main(argv) == 1
@@ -255,3 +262,5 @@ def test_argument_errors_exit_2_before_starting_ranks(tmp_path, capsys):
     missing = tmp_path / "none.txt"
     assert ray_generate.main(["--prompts-file", str(missing), "--output-dir", str(tmp_path)]) == 2
     assert f"--prompts-file {missing} does not exist" in capsys.readouterr().err
+    assert ray_generate.main(["--prompt", "a 3", "--output", str(tmp_path / "x.png")]) == 2
+    assert "--output-dir" in capsys.readouterr().err

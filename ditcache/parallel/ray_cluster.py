@@ -35,7 +35,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 import ditcache
-from ditcache.errors import CollectiveError, DitCacheError
+from ditcache.errors import CollectiveError, DitCacheError, StepSyncError
 from ditcache.parallel.config import ParallelConfig
 from ditcache.runtime.pipeline import GenerationOutput
 
@@ -193,10 +193,11 @@ def describe_error(exc: BaseException) -> str:
 
 
 def _root_cause_rank(exc: BaseException) -> int:
-    """Lower is closer to the root cause: a death, then an exception, then a peer's collective error."""
+    """Lower is closer to the root cause: a death, then an exception, then a failed collective or step
+    check (what the peers of a rank that raised or died see)."""
     if isinstance(exc, RayActorError):
         return 0
-    if isinstance(exc, RayTaskError) and isinstance(exc.cause, CollectiveError):
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, (CollectiveError, StepSyncError)):
         return 2
     return 1
 
