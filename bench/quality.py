@@ -577,7 +577,8 @@ def to_images(frames: torch.Tensor) -> torch.Tensor:
 @dataclass
 class RunRecord:
     runner: Runner
-    times: list[float] = field(default_factory=list)  # timing-batch repeats
+    times: list[float] = field(default_factory=list)  # timing-batch repeats, wall clock
+    cpu_times: list[float] = field(default_factory=list)  # the same repeats, process CPU time
     full_batch_s: float | None = None  # the quality run's own wall time (one run)
     frames: torch.Tensor | None = None
     calls: dict | None = None
@@ -621,9 +622,10 @@ def timing_pass(work: Workload, batch: Batch, records: list[RunRecord], counter:
             for i in order:
                 rec = records[i]
                 rec.runner.reset()
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 sample(work, batch, rec.runner.predict, counter)
                 rec.times.append(time.perf_counter() - t0)
+                rec.cpu_times.append(time.process_time() - c0)
             log(f"  timing rep {rep + 1}/{reps} ({len(batch)} samples): {time.perf_counter() - t_rep:.1f} s")
 
 
@@ -647,7 +649,13 @@ def rows_of(work: Workload, batch: Batch, records: list[RunRecord], classifier) 
         }
         if base_time is not None:
             speedup = base_time / min(rec.times)
-            row |= {"speedup": round(speedup, 4), "speedup_efficiency": round(speedup * cf, 4)}
+            speedup_cpu = min(base.cpu_times) / min(rec.cpu_times)
+            row |= {
+                "speedup": round(speedup, 4),
+                "speedup_efficiency": round(speedup * cf, 4),
+                "speedup_cpu_time": round(speedup_cpu, 4),
+                "speedup_efficiency_cpu_time": round(speedup_cpu * cf, 4),
+            }
         row |= quality_metrics(to_images(rec.frames), reference, classifier, labels)
         row |= {
             "block_calls": calls,
@@ -658,6 +666,7 @@ def rows_of(work: Workload, batch: Batch, records: list[RunRecord], classifier) 
             row |= {
                 "wall_s_min": round(min(rec.times), 4),
                 "wall_s_all": [round(t, 4) for t in rec.times],
+                "cpu_s_min": round(min(rec.cpu_times), 4),
                 "speedup_full_batch_single_run": round(base.full_batch_s / rec.full_batch_s, 4),
             }
         if rec.telemetry:
@@ -1023,7 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
             "timing_samples": timing_n,
             "screening_samples": screen_n,
             "timing": "wall time of the sampling loop on the first timing_samples evaluation samples; methods "
-            "interleaved in a fresh shuffled order per repeat; minimum over repeats. speedup = uncached min / run min",
+            "interleaved in a fresh shuffled order per repeat; minimum over repeats. speedup = uncached min / run min. "
+            "speedup_cpu_time: the same with process CPU time (insensitive to other processes on a shared machine)",
             "selection": "every grid setting is screened on the calibration seeds; per method and per band of "
             "ideal speedup the best screening PSNR is evaluated on the evaluation seeds",
             "eval_bands_ideal_speedup": EVAL_BANDS[mode],
