@@ -124,7 +124,7 @@ LAYOUTS = {"cfg-pair": ["--cfg-parallel", "2"], "two-replicas": []}
 def test_two_actor_job_matches_single_process_runs(layout, model_args, tmp_path):
     args = ray_generate.build_parser().parse_args(
         _prompts(
-            [*model_args, *LAYOUTS[layout], "--ranks", "2", "--output-dir", str(tmp_path / "ray"), "--request-timeout", "60"],
+            [*model_args, *LAYOUTS[layout], "--ranks", "2", "--output-dir", str(tmp_path / "ray"), "--request-timeout", "120"],
             PROMPTS,
         )
     )
@@ -192,7 +192,7 @@ def test_failing_rank_fails_the_job_naming_it(fault, model_args, tmp_path, capsy
     code, layout, prompts, message = FAULTS[fault]
     entry = tmp_path / "faulty.py"
     entry.write_text(textwrap.dedent(FAULTY_ENTRY).replace("{fault}", code).replace("{boom}", repr(BOOM)))
-    timeout = 10 if fault == "hang" else 30
+    timeout = 10 if fault == "hang" else 60
     argv = _prompts(
         [*model_args, *layout, "--output-dir", str(tmp_path / "out"), "--entry", f"{entry}:run",
          "--request-timeout", str(timeout)],
@@ -205,8 +205,9 @@ def test_failing_rank_fails_the_job_naming_it(fault, model_args, tmp_path, capsy
     assert message in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "out" / "results.json").exists()
-    # a dead or raising rank is reported at once, a hanging one at the deadline (plus actor startup)
-    assert elapsed < (timeout + 15 if fault == "hang" else timeout), elapsed
+    # A hang ends at the deadline (plus actor startup); a death or exception ends the job before its
+    # request's deadline could have passed (and the message above is the rank's, not a timeout).
+    assert timeout <= elapsed < timeout + 30 if fault == "hang" else elapsed < timeout, elapsed
     assert _placement_released()
 
 

@@ -37,13 +37,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 import ditcache
 from ditcache.errors import CollectiveError, DitCacheError, StepSyncError
 from ditcache.parallel.config import ParallelConfig
-from ditcache.runtime.pipeline import GenerationOutput
+from ditcache.runtime.denoise import GenerationOutput
 
 DEFAULT_ENTRY = "launch/generate.py:run"
 # After the first failure of a request, how long to wait for its other ranks: a peer of a dead rank
-# often reports a CollectiveError before Ray notices the death, and the death is the root cause.
+# often reports a CollectiveError/StepSyncError before Ray notices the death, the root cause.
 ROOT_CAUSE_GRACE_S = 5.0
-TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class RayJobError(DitCacheError, RuntimeError):
@@ -323,14 +322,14 @@ class RayRanks:
             if job.pending:
                 continue
             del inflight[replica.index]
-            result = self._merge(job, requests[job.index], replica)
+            result = self._finish(job, requests[job.index], replica)
             results.append(result)
             if on_result is not None:
                 on_result(result)
             send(replica)
         return sorted(results, key=lambda r: r.index)
 
-    def _merge(self, job: _InFlight, request: Request, replica: _Replica) -> RequestResult:
+    def _finish(self, job: _InFlight, request: Request, replica: _Replica) -> RequestResult:
         ranked = [job.done[r] for r in replica.ranks]
         return RequestResult(
             index=job.index,
