@@ -129,7 +129,10 @@ class PlanReplayer:
 def rule_candidates(
     replayer: PlanReplayer, params: CacheParams, budget: int, tolerance: float, sigmas: Sequence[float] | None
 ) -> list[Candidate]:
-    """Threshold-rule plans whose compute count per branch is within ``tolerance`` of ``budget``."""
+    """Threshold-rule plans with between ``budget * (1 - tolerance)`` and ``budget`` computes per branch.
+
+    Never more than the budget: a plan that buys its quality with extra computes would miss the
+    speedup it was asked for, and would not be comparable with the placement candidate."""
     n = replayer.num_steps
     curves = {}
     for c in (True, False):
@@ -141,7 +144,7 @@ def rule_candidates(
     for thresh, K, retention in itertools.product(THRESH_GRID, K_GRID, RETENTION_GRID):
         plan = {c: compute_skip_schedule(curves[c], n, K, thresh, retention) for c in (True, False)}
         counts = [len(plan[c]) for c in replayer.branches]
-        if any(abs(k - budget) > tolerance * budget for k in counts):
+        if any(k > budget or k < budget * (1 - tolerance) for k in counts):
             continue
         key = tuple(tuple(plan[c]) for c in (True, False))
         if key not in seen:
