@@ -23,6 +23,7 @@ entry) call it in-process. ``build_parser``/``main`` only parse and print.
 from __future__ import annotations
 
 import argparse
+import json
 import importlib
 import os
 import sys
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--output", type=Path, help="a .png grid or .mp4 video (default: outputs/<model>-<cache>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--telemetry", action="store_true", help="also print the per-branch cache telemetry (JSON) after the summary"
+    )
     add_parallel_arguments(parser)
     return parser
 
@@ -249,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if result.rank == 0:
         print(result.output.summary())
+        if args.telemetry:
+            print(json.dumps(result.output.telemetry(), indent=1))
     if result.path is not None:
         print(f"wrote {result.path}")
     return 0

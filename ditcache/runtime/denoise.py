@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +57,7 @@ class GenerationOutput:
     timesteps: list[float]
     wall_time_s: float
     layout: str = SINGLE_PROCESS
+    stack_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # expert -> branch -> s
 
     def total_stack_passes(self) -> dict[str, int]:
         """Block-stack runs per branch, summed over experts."""
@@ -66,8 +67,48 @@ class GenerationOutput:
                 totals[name] = totals.get(name, 0) + count
         return totals
 
+    def telemetry(self) -> dict[str, Any]:
+        """What the cache did, per branch (summed over experts), next to what it planned.
+
+        ``predicted_speedup`` is block passes uncached / planned; ``block_pass_speedup`` the same with
+        the passes that really ran (counted by the adapters, not taken from the caches);
+        ``estimated_wall_speedup`` is (wall time + skipped passes x mean measured pass time) / wall
+        time: the uncached wall time estimated from this very run, without running it.
+        """
+        passes = self.total_stack_passes()
+        branches: dict[str, dict[str, Any]] = {}
+        for name, steps in self.branch_steps.items():
+            per_expert = [stats[name] for stats in self.cache_stats.values() if name in stats]
+            planned = sorted({s for st in per_expert for s in st.get("planned_compute_steps", st.get("computed_steps", []))})
+            computed = sorted({s for st in per_expert for s in st.get("computed_steps", [])})
+            branches[name] = {
+                "planned_compute_steps": planned,
+                "computed_steps": computed,
+                "skipped_steps": sorted({s for st in per_expert for s in st.get("skipped_steps", [])}),
+                "block_passes": passes[name],
+                "block_passes_saved": steps - passes[name],
+                "taylor_approximations": sum(st.get("taylor_approximations", 0) for st in per_expert),
+                "reuse_approximations": sum(st.get("reuse_approximations", 0) for st in per_expert),
+            }
+        asked = sum(self.branch_steps.values())
+        ran = sum(passes.values())
+        planned_passes = sum(len(b["planned_compute_steps"]) or b["block_passes"] for b in branches.values())
+        stack_time = sum(t for per_branch in self.stack_seconds.values() for t in per_branch.values())
+        per_pass = stack_time / ran if ran else 0.0
+        estimated_uncached = self.wall_time_s + (asked - ran) * per_pass
+        return {
+            "branches": branches,
+            "cache_memory_bytes": sum(self.cache_memory_bytes.values()),
+            "predicted_speedup": asked / planned_passes if planned_passes else None,
+            "block_pass_speedup": asked / ran if ran else None,
+            "estimated_wall_speedup": estimated_uncached / self.wall_time_s if self.wall_time_s > 0 else None,
+            "mean_stack_pass_s": per_pass,
+            "wall_time_s": self.wall_time_s,
+            "layout": self.layout,
+        }
+
     def summary(self) -> str:
-        """One line: steps computed/skipped per branch, block passes saved, wall time, layout."""
+        """One line: steps computed/skipped per branch, block passes saved, speedup, wall time, layout."""
         passes = self.total_stack_passes()
         parts = [
             f"{name}: {passes[name]} computed / {steps - passes[name]} skipped"
@@ -75,9 +116,11 @@ class GenerationOutput:
         ]
         asked, ran = sum(self.branch_steps.values()), sum(passes.values())
         ratio = f", {asked / ran:.2f}x fewer" if ran else ""
+        wall = self.telemetry()["estimated_wall_speedup"]
+        estimate = f" (~{wall:.2f}x est. vs uncached)" if wall and ran < asked else ""
         return (
             f"{len(self.timesteps)} steps | {' | '.join(parts)} | block passes {ran}/{asked} "
-            f"(saved {asked - ran}{ratio}) | {self.wall_time_s:.2f} s | {self.layout}"
+            f"(saved {asked - ran}{ratio}) | {self.wall_time_s:.2f} s{estimate} | {self.layout}"
         )
 
 
@@ -289,9 +332,11 @@ class DenoisingPipeline:
     def _report(self, request: DenoiseRequest, frames: torch.Tensor, wall: float) -> GenerationOutput:
         steps = request.schedule.num_steps
         expert_steps = {name: [s for s, e in enumerate(request.experts) if e == name] for name in self.adapters}
-        cache_stats, stack_passes = self._whole_request(
+        ran = {name: a for name, a in self.adapters.items() if expert_steps[name]}
+        cache_stats, stack_passes, stack_seconds = self._whole_request(
             {name: cache.stats() for name, cache in request.caches.items()},
-            {name: dict(a.stack_passes) for name, a in self.adapters.items() if expert_steps[name]},
+            {name: dict(a.stack_passes) for name, a in ran.items()},
+            {name: dict(a.stack_seconds) for name, a in ran.items()},
         )
         output = GenerationOutput(
             frames=frames,
@@ -304,6 +349,7 @@ class DenoisingPipeline:
             timesteps=request.schedule.timesteps.tolist(),
             wall_time_s=wall,
             layout=self.layout,
+            stack_seconds=stack_seconds,
         )
         if request.params_cache and output.total_stack_passes() == output.branch_steps:
             warnings.warn(
@@ -313,18 +359,15 @@ class DenoisingPipeline:
             )
         return output
 
-    def _whole_request(
-        self, cache_stats: dict[str, dict[str, Any]], stack_passes: dict[str, dict[str, int]]
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, int]]]:
-        """Per-branch telemetry of the whole request: under CFG-parallel each rank knows only its own
-        branch, so the cfg pair exchanges theirs (SP ranks took the same decisions, checked)."""
+    def _whole_request(self, *per_expert: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], ...]:
+        """Per-branch telemetry of the whole request (each argument: expert -> branch -> value):
+        under CFG-parallel each rank knows only its own branch, so the cfg pair exchanges theirs
+        (SP ranks took the same decisions, checked)."""
         group = self.parallel.cfg
         if group.size == 1:
-            return cache_stats, stack_passes
-        parts = group.all_gather_object(
-            (cache_stats, stack_passes), self.parallel.device, op="cfg all_gather (request telemetry)"
-        )
-        merged: tuple[dict, dict] = ({}, {})
+            return per_expert
+        parts = group.all_gather_object(per_expert, self.parallel.device, op="cfg all_gather (request telemetry)")
+        merged: tuple[dict, ...] = tuple({} for _ in per_expert)
         for part in parts:
             for whole, mine in zip(merged, part):
                 for expert, per_branch in mine.items():

@@ -16,6 +16,7 @@ finds the adapter for a transformer instance.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -59,6 +60,7 @@ class FamilyAdapter(torch.nn.Module, ABC):
         super().__init__()
         self.transformer = transformer
         self.stack_passes: dict[str, int] = {}
+        self.stack_seconds: dict[str, float] = {}  # wall time inside the block stack, per branch
 
     @abstractmethod
     def embed(
@@ -132,16 +134,21 @@ class FamilyAdapter(torch.nn.Module, ABC):
         if cache is not None and not cache.should_compute(is_cond):
             estimate = cache.approximate(real, is_cond)
             return estimate if n_real == x.shape[1] else torch.cat([estimate, x[:, n_real:]], dim=1)
+        started = time.perf_counter()
         out = self.run_blocks(state, x)
+        if out.is_cuda:  # kernels run asynchronously: time the work, not its launch
+            torch.cuda.synchronize(out.device)
         name = branch_name(is_cond)
         self.stack_passes[name] = self.stack_passes.get(name, 0) + 1
+        self.stack_seconds[name] = self.stack_seconds.get(name, 0.0) + time.perf_counter() - started
         if cache is not None:
             cache.update(out[:, :n_real], real, is_cond)
         return out
 
     def reset_counters(self) -> None:
-        """Forget the per-branch stack-pass counts (start of a request)."""
+        """Forget the per-branch stack-pass counts and times (start of a request)."""
         self.stack_passes = {}
+        self.stack_seconds = {}
 
 
 _REGISTRY: dict[str, type[FamilyAdapter]] = {}
