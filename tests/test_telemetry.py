@@ -77,3 +77,16 @@ def test_enabled_cache_that_skips_nothing_warns(pipe, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="skipped no step"):
         out = pipe(prompt="a handwritten 2", num_inference_steps=10, model_type="Never-Skips", progress=False)
     assert out.telemetry()["branches"]["cond"]["block_passes_saved"] == 0
+
+
+def test_a_calibrator_passed_to_the_pipeline_records_the_run_sigmas(pipe):
+    from ditcache.cache import create_feature_cache
+    from ditcache.errors import CacheConfigError
+    from ditcache.params import params_from_dict
+
+    cal = create_feature_cache("calibrator", num_inference_steps=10, sigma_shift=SHIFT, model_name="m")
+    pipe(prompt="a handwritten 4", num_inference_steps=10, sigma_shift=SHIFT, calibrator=cal, progress=False)
+    assert cal.sigmas == pytest.approx(flow_match_schedule(10, SHIFT).sigmas[:-1].tolist())
+    assert params_from_dict(cal.result()).sigmas is not None
+    with pytest.raises(CacheConfigError, match="different sigma"):
+        pipe(prompt="a handwritten 4", num_inference_steps=10, sigma_shift=3.0, calibrator=cal, progress=False)

@@ -184,6 +184,20 @@ class Calibrator(BaseFeatureCache):
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._prev.values())
 
+    def observe_sigmas(self, sigmas: Sequence[float]) -> None:
+        """Record the run's noise level per step (the pipeline calls this), so the written curve can
+        be resampled by sigma; every request pooled into one curve must share them."""
+        values = [float(s) for s in sigmas]
+        if len(values) != self.num_inference_steps:
+            raise CacheConfigError(f"{len(values)} sigmas for a {self.num_inference_steps}-step calibration")
+        if self.sigmas is None:
+            self.sigmas = values
+        elif max(abs(a - b) for a, b in zip(self.sigmas, values)) > 1e-6:
+            raise CacheConfigError(
+                "this calibration pools requests with different sigma schedules (another shift?); "
+                "one curve must come from one schedule: use a new Calibrator per shift"
+            )
+
     # -- merging and output -----------------------------------------------------------------------
 
     def merge(self, other: "Calibrator") -> None:

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ditcache.cache.base import BaseFeatureCache, NoCache, branch_name
+from ditcache.cache.calibrator import Calibrator
 from ditcache.errors import ParamsError, StepSyncError
 from ditcache.parallel import CfgParallel, ParallelGroups, StepSync, SyncedCache, UlyssesContext, apply_ulysses
 from ditcache.parallel.cfg import combine_guidance
@@ -278,6 +279,8 @@ class DenoisingPipeline:
                 raise ParamsError(
                     f"the calibrator was built for {calibrated_steps} steps but the request has {num_steps}"
                 )
+            if isinstance(calibrator, Calibrator):
+                calibrator.observe_sigmas(schedule.sigmas[:-1].tolist())
             return {name: calibrator for name in used}
         if feature_cache is not None:
             return self._user_caches(feature_cache, used)
