@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, default=600.0,
         help="seconds a request (on all its ranks) may take, and the limit for placing and starting the ranks",
     )
-    ray_group.add_argument("--entry", default=DEFAULT_ENTRY, help="per-rank function 'file.py:function' or 'module:function'")
+    ray_group.add_argument(
+        "--entry", default=DEFAULT_ENTRY, help="per-rank function: 'file.py:function' or 'module:function'"
+    )
     return parser
 
 

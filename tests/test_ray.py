@@ -18,11 +18,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from conftest import tiny_wan  # noqa: E402
-from ditcache.models import REFERENCE_DIGITS  # noqa: E402
-
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
-# Digit prompts for the reference model; the tiny model's word tokenizer reads them as <unk>s.
 PROMPTS = ["a handwritten 3", "a handwritten 7"]
 BOOM = "a handwritten 9"  # the request on which a faulty entry fails
 
@@ -55,50 +51,11 @@ def ray_cluster():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _write_tiny_model_dir(root: Path) -> None:
-    """A diffusers-format Wan directory: tiny random transformer, UMT5, word tokenizer, Wan VAE."""
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    tiny_wan().save_pretrained(root / "transformer")
-    torch.manual_seed(0)
-    AutoencoderKLWan(
-        base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=2, scale_factor_spatial=2,
-    ).save_pretrained(root / "vae")
-    UMT5EncoderModel(
-        UMT5Config(vocab_size=16, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
-    ).save_pretrained(root / "text_encoder")
-    tok = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "cat": 4, "dog": 5}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(root / "tokenizer")
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"shift": 3.0}))
-    index = {
-        "_class_name": "WanPipeline",
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "ditcache": {"height": 8, "width": 8, "num_frames": 1, "default_steps": 8},
-    }
-    (root / "model_index.json").write_text(json.dumps(index))
-
-
-@pytest.fixture(scope="module")
-def model_args(tmp_path_factory) -> list[str]:
-    """The bundled reference model once it is trained, else a tiny random model directory; 8 steps,
-    cache on with the shipped Wan2.1-T2V-1.3B params, so the telemetry has skipped steps."""
-    common = ["--steps", "8", "--model-type", "Wan2.1-T2V-1.3B", "--no-progress", "--timeout", "30"]
-    if (REFERENCE_DIGITS / "model_index.json").is_file():
-        return ["--model", "reference", *common]
-    root = tmp_path_factory.mktemp("tiny-wan")
-    _write_tiny_model_dir(root)
-    return ["--model", "wan", "--model-dir", str(root), "--num-frames", "1", *common]
+# The bundled reference model, 8 steps, cache on with the shipped Wan2.1-T2V-1.3B params (it has none
+# of its own yet), so the telemetry has skipped steps.
+MODEL_ARGS = [
+    "--model", "reference", "--steps", "8", "--model-type", "Wan2.1-T2V-1.3B", "--no-progress", "--timeout", "30"
+]
 
 
 def _prompts(args: list[str], prompts: list[str]) -> list[str]:
@@ -121,10 +78,11 @@ LAYOUTS = {"cfg-pair": ["--cfg-parallel", "2"], "two-replicas": []}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_two_actor_job_matches_single_process_runs(layout, model_args, tmp_path):
+def test_two_actor_job_matches_single_process_runs(layout, tmp_path):
     args = ray_generate.build_parser().parse_args(
         _prompts(
-            [*model_args, *LAYOUTS[layout], "--ranks", "2", "--output-dir", str(tmp_path / "ray"), "--request-timeout", "120"],
+            [*MODEL_ARGS, *LAYOUTS[layout], "--ranks", "2", "--output-dir", str(tmp_path / "ray"),
+             "--request-timeout", "120"],
             PROMPTS,
         )
     )
@@ -135,7 +93,7 @@ def test_two_actor_job_matches_single_process_runs(layout, model_args, tmp_path)
     written = json.loads(job.results_file.read_text())
 
     for i, (prompt, result) in enumerate(zip(PROMPTS, job.results)):
-        single_args = [*model_args, "--prompt", prompt, "--output", str(tmp_path / f"{i}.png")]
+        single_args = [*MODEL_ARGS, "--prompt", prompt, "--output", str(tmp_path / f"{i}.png")]
         single = generate.run(generate.build_parser().parse_args(single_args))
         torch.testing.assert_close(result.output.frames, single.output.frames, atol=1e-4, rtol=0)
         assert result.output.stack_passes == single.output.stack_passes
@@ -188,13 +146,13 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_failing_rank_fails_the_job_naming_it(fault, model_args, tmp_path, capsys):
+def test_failing_rank_fails_the_job_naming_it(fault, tmp_path, capsys):
     code, layout, prompts, message = FAULTS[fault]
     entry = tmp_path / "faulty.py"
     entry.write_text(textwrap.dedent(FAULTY_ENTRY).replace("{fault}", code).replace("{boom}", repr(BOOM)))
     timeout = 10 if fault == "hang" else 60
     argv = _prompts(
-        [*model_args, *layout, "--output-dir", str(tmp_path / "out"), "--entry", f"{entry}:run",
+        [*MODEL_ARGS, *layout, "--output-dir", str(tmp_path / "out"), "--entry", f"{entry}:run",
          "--request-timeout", str(timeout)],
         prompts,
     )
