@@ -358,8 +358,12 @@ class RayRanks:
                     failures[job.pending[ref]] = other
         # min() keeps arrival order among equals, so the first of the most basic failures wins.
         first = min(failures, key=lambda r: _root_cause_rank(failures[r]))
-        message = f"rank {first} failed on request {job.index} ({request.label!r}): {describe_error(failures[first])}"
-        others = [f"rank {r}: {describe_error(e)}" for r, e in failures.items() if r != first]
+        described = {r: describe_error(e) for r, e in failures.items()}
+        message = f"rank {first} failed on request {job.index} ({request.label!r}): {described[first]}"
+        same = sorted(r for r, text in described.items() if r != first and text == described[first])
+        if same:  # e.g. a configuration error that every rank hits
+            message += f" (so did rank(s) {same})"
+        others = [f"rank {r}: {text}" for r, text in described.items() if text != described[first]]
         if others:
             message += "; then " + "; ".join(others)
         return RayJobError(message)
