@@ -122,9 +122,8 @@ class RequestResult:
             "wall_time_s": round(self.wall_time_s, 4),
             "generation_wall_time_s": round(out.wall_time_s, 4),
             "rank_wall_time_s": {str(r): round(t, 4) for r, t in self.rank_wall_time_s.items()},
-            "branch_steps": out.branch_steps,
+            "telemetry": out.telemetry(),
             "stack_passes": out.stack_passes,
-            "cache_stats": out.cache_stats,
             "rank_cache_memory_bytes": {str(r): m for r, m in self.rank_cache_memory_bytes.items()},
         }
 
