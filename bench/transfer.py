@@ -39,8 +39,8 @@ from quality import (  # noqa: E402
 
 from ditcache.cache import AdaTaylorCache, Calibrator  # noqa: E402
 from ditcache.cache.recorder import ResidualRecorder  # noqa: E402
-from ditcache.cache.schedule import compute_skip_schedule, resample_by_sigma  # noqa: E402
-from ditcache.cache.tune import PlanReplayer, tune, tuned_params  # noqa: E402
+from ditcache.cache.schedule import resample_by_sigma  # noqa: E402
+from ditcache.cache.tune import PlanReplayer, thresh_for_budget, tune, tuned_params  # noqa: E402
 from ditcache.models import REFERENCE_DIGITS  # noqa: E402
 from ditcache.params import params_from_dict  # noqa: E402
 
@@ -163,9 +163,8 @@ def autotune_rows(samples, calib_n, guidance, log) -> list[dict]:
 def hand_rule(params, steps, sigmas, budget):
     """The shipped-style rule (K=4, retention 0.2) with the thresh whose pass count is closest to ``budget``."""
     curve = resample_by_sigma(params.cond_mag_ratios, params.sigmas, sigmas)
-    grid = [round(0.005 * 1.1**i, 5) for i in range(80)]
-    best = min(grid, key=lambda t: (abs(len(compute_skip_schedule(curve, steps, 4, t, 0.2)) - budget), t))
-    return params_from_dict({**_as_dict(params), "K": 4, "retention_ratio": 0.2, "thresh": best})
+    thresh = thresh_for_budget(curve, steps, budget, 4, 0.2)
+    return params_from_dict({**_as_dict(params), "K": 4, "retention_ratio": 0.2, "thresh": thresh})
 
 
 def main(argv=None) -> int:

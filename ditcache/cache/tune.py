@@ -154,6 +154,15 @@ def rule_candidates(
     return list(seen.values())
 
 
+def thresh_for_budget(
+    curve: Sequence[float], num_steps: int, budget: int, K: int, retention_ratio: float
+) -> float:
+    """The hand rule's knob: the thresh whose plan computes closest to ``budget`` steps (the smallest
+    such thresh), for a curve already resampled to ``num_steps``."""
+    grid = [round(0.005 * 1.1**i, 5) for i in range(80)]  # 0.005 .. ~9.7
+    return min(grid, key=lambda t: (abs(len(compute_skip_schedule(curve, num_steps, K, t, retention_ratio)) - budget), t))
+
+
 def placement_candidate(replayer: PlanReplayer, budget: int) -> Candidate:
     """Greedy placement: from computing everything, drop the step whose removal costs least."""
     n = replayer.num_steps
