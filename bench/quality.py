@@ -338,7 +338,7 @@ class Grid:
 FULL_GRID = Grid(
     ours_retention=[0.05, 0.1, 0.2],
     ours_K=[1, 2, 3, 4, 6],
-    ours_thresh=[0.03, 0.08, 0.2, 0.5, 100.0],  # 100: only K and the warm-up limit skipping
+    ours_thresh=[0.02, 0.03, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 100.0],  # 100: only K and warm-up limit
     taylor_thresholds=[1, 2, 3],
     wan_thresh=[0.05, 0.1, 0.2, 0.4, 100.0],
     wan_K=[2, 4, 6],
@@ -457,15 +457,13 @@ def build_runners(work: Workload, calib: Calibration, grid: Grid, speedup_range:
     rs.add(AdapterRunner(work, "uncached", {}, {e: None for e in work.used_experts()}), ("uncached",))
     rs.add(DiffusersRunner(work, "diffusers-uncached", {}, work.transformers, hooked=False), ("diffusers-uncached",))
 
-    # ditcache AdaTaylorCache on the curve calibrated here (orders 0 and 1; order 2 and the other
-    # taylor_thresholds in stage 2), and order 1 on the published Wan curve.
+    # ditcache AdaTaylorCache order 1 on the curve calibrated here (order 0, order 2 and the other
+    # taylor_thresholds run in stage 2 on the best plans), and order 1 on the published Wan curve.
     wan_params = load_params(WAN_CURVES[work.name]) if work.name in WAN_CURVES else None
     for retention in grid.ours_retention:
         for K in grid.ours_K:
             for thresh in grid.ours_thresh:
-                params = with_settings(calib.params, K=K, thresh=thresh, retention_ratio=retention)
-                for order in (0, 1):
-                    rs.ada(params, order, 2)
+                rs.ada(with_settings(calib.params, K=K, thresh=thresh, retention_ratio=retention), 1, 2)
     if wan_params is not None and grid.wan_thresh:
         for retention in grid.wan_retention:
             for K in grid.wan_K:
@@ -522,7 +520,9 @@ def build_runners(work: Workload, calib: Calibration, grid: Grid, speedup_range:
                     setting = {"threshold": thresh, "max_skip_steps": K, "retention_ratio": retention}
                     if suffix:
                         setting["curve"] = WAN_CURVES[work.name]
-                    rs.add(DiffusersRunner(work, f"diffusers-magcache{suffix}", setting, models, hooked=True), key)
+                    runner = DiffusersRunner(work, f"diffusers-magcache{suffix}", setting, models, hooked=True)
+                    runner.schedule_settings = {"thresh": thresh, "K": K, "retention_ratio": retention}
+                    rs.add(runner, key)
     for order in (1, 2):
         for interval in grid.intervals:
             cfg = dict(cache_interval=interval, max_order=order, disable_cache_before_step=3)
@@ -667,7 +667,7 @@ def rows_of(work: Workload, batch: Batch, records: list[RunRecord], classifier) 
                 "wall_s_min": round(min(rec.times), 4),
                 "wall_s_all": [round(t, 4) for t in rec.times],
                 "cpu_s_min": round(min(rec.cpu_times), 4),
-                "speedup_full_batch_single_run": round(base.full_batch_s / rec.full_batch_s, 4),
+                "wall_s_quality_run": round(rec.full_batch_s, 3),
             }
         if rec.telemetry:
             row["plan"] = rec.telemetry
@@ -697,8 +697,9 @@ def best_per_band(screen_rows: list[dict], runners: list[Runner], bands: list[fl
 
 def run_model(work: Workload, calib: Calibration, screen_batch: Batch, eval_batch: Batch, grid: Grid,
               bands: list[float], classifier, reps: int, timing_samples: int, log) -> tuple[list[dict], list[dict]]:
-    """Screen the grid on calibration seeds (stage 1; stage 2 runs AdaTaylorCache orders 1 and 2 at
-    every taylor_threshold on each band's best order-0/1 plans), then evaluate per method and band the best screened setting on the
+    """Screen the grid on calibration seeds (stage 1: order 1 at taylor_threshold 2 over the plans;
+    stage 2: orders 0, 1, 2 at every taylor_threshold on each band's best order-1 and MagCache
+    plans), then evaluate per method and band the best screened setting on the
     evaluation seeds: quality on the whole batch, timing on its first ``timing_samples`` samples.
     Evaluation seeds play no part in choosing what is evaluated."""
     rs = build_runners(work, calib, grid, (bands[0], bands[-1]))
@@ -706,18 +707,27 @@ def run_model(work: Workload, calib: Calibration, screen_batch: Batch, eval_batc
     log(f"[{work.name}] stage-1 screening: {len(rs.runners)} settings on {len(screen_batch)} calibration-seed samples")
     screen_records = [RunRecord(r) for r in rs.runners]
     quality_pass(work, screen_batch, screen_records, counter, log, "screening")
-    # Stage 2: orders 1 and 2 at every taylor_threshold on the per-band best plans of orders 0 and 1.
+    # Stage 2: AdaTaylorCache orders 0/1/2 (every taylor_threshold) on each band's best order-1 and MagCache plans.
     stage1_rows = rows_of(work, screen_batch, screen_records, classifier)
     extra = []
     for (method, _), (_, runner) in best_per_band(stage1_rows, rs.runners, bands).items():
-        if method in ("ditcache-ada_taylor-o0", "ditcache-ada_taylor-o1"):
-            for order in (1, 2):
-                for tt in grid.taylor_thresholds:
-                    new = rs.ada(runner.params, order, tt, runner.suffix)
-                    if new is not None:
-                        extra.append(new)
+        if method == "ditcache-ada_taylor-o1":  # the best order-1 plans: orders 0, 1, 2 at every taylor_threshold
+            variants = [(0, 1)] + [(order, tt) for order in (1, 2) for tt in grid.taylor_thresholds]
+            params = runner.params
+        elif method == "diffusers-magcache":  # the best MagCache plans: ditcache's order 0 (its analogue) and 1
+            variants = [(0, 1), (1, 2)]
+            params = with_settings(calib.params, **runner.schedule_settings)
+        elif method == "ditcache-ada_taylor-o1-wancurve":
+            variants = [(1, tt) for tt in grid.taylor_thresholds]
+            params = runner.params
+        else:
+            continue
+        for order, tt in variants:
+            new = rs.ada(params, order, tt, getattr(runner, "suffix", ""))
+            if new is not None:
+                extra.append(new)
     if extra:
-        log(f"[{work.name}] stage-2 screening: taylor_threshold {grid.taylor_thresholds} on {len(extra)} settings")
+        log(f"[{work.name}] stage-2 screening: {len(extra)} AdaTaylorCache variants (orders 0-2, taylor_threshold {grid.taylor_thresholds}) on the best plans")
         records2 = [RunRecord(r) for r in extra]
         quality_pass(work, screen_batch, records2, counter, log, "screening-2")
         screen_records += records2
