@@ -926,6 +926,72 @@ def git_commit() -> str:
         return "unknown"
 
 
+def efficiency_check(json_path: Path, reps: int, log) -> dict:
+    """Time the uncached run and ditcache order 1 at its matched ~2x / ~3x settings (from a finished
+    run's JSON) on the whole evaluation batch, interleaved, ``reps`` repeats; store the result in the
+    JSON under "efficiency_full_batch". The curve is re-measured on the same calibration seeds
+    (deterministic), and each run's block calls are checked against the JSON."""
+    from ditcache.models import MODELS_DIR
+
+    data = json.loads(json_path.read_text())
+    env = data["env"]
+    samples, steps = env["samples_per_model"], env["steps"]
+    out: dict = {}
+    for model, per_label in data["matched"]["by_block_passes"].items():
+        work = make_workload(MODELS_DIR / model, model, steps, env["shift"], env["guidance_scale"])
+        calib_env = env["calibration"][model]
+        n_cal = calib_env["samples"]
+        calib_batch = make_batch(work, [j % 10 for j in range(n_cal)], [CALIB_SEED_BASE + j for j in range(n_cal)])
+        calib = calibrate(work, calib_batch, calib_env["model_type"])
+        batch = make_batch(work, [i % 10 for i in range(samples)], [EVAL_SEED_BASE + i for i in range(samples)])
+        runners: list[Runner] = [AdapterRunner(work, "uncached", {}, {e: None for e in work.used_experts()})]
+        expected = {}
+        for label, m in per_label.items():
+            best = m["best"].get("ditcache-ada_taylor-o1")
+            if best is None:
+                continue
+            st = best["setting"]
+            params = with_settings(calib.params, K=st["K"], thresh=st["thresh"], retention_ratio=st["retention_ratio"])
+            runner = AdapterRunner(work, "ditcache-ada_taylor-o1", st | {"matched": label},
+                                   ada_caches(work, params, 1, st["taylor_threshold"]))  # fmt: skip
+            runners.append(runner)
+            expected[id(runner)] = best["compute_fraction"]
+        records = [RunRecord(r) for r in runners]
+        counter = attach_counter(work, runners)
+        with torch.inference_mode():
+            calls = {}
+            for rec in records:
+                rec.runner.reset()
+                _, c = sample(work, batch, rec.runner.predict, counter)
+                calls[id(rec.runner)] = sum(c.values())
+        base_calls = calls[id(runners[0])]
+        for r in runners[1:]:
+            cf = calls[id(r)] / base_calls
+            assert abs(cf - expected[id(r)]) < 1e-4, f"{model}: compute fraction {cf} != {expected[id(r)]} in the JSON"
+        timing_pass(work, batch, records, counter, reps, log)
+        base = records[0]
+        out[model] = []
+        for rec in records[1:]:
+            cf = calls[id(rec.runner)] / base_calls
+            sp, sp_cpu = min(base.times) / min(rec.times), min(base.cpu_times) / min(rec.cpu_times)
+            out[model].append({
+                "method": rec.runner.method, "setting": rec.runner.setting, "compute_fraction": round(cf, 5),
+                "ideal_speedup": round(1 / cf, 4), "speedup": round(sp, 4), "speedup_efficiency": round(sp * cf, 4),
+                "speedup_cpu_time": round(sp_cpu, 4), "speedup_efficiency_cpu_time": round(sp_cpu * cf, 4),
+                "uncached_wall_s_min": round(min(base.times), 3), "wall_s_min": round(min(rec.times), 3),
+            })  # fmt: skip
+            log(f"[{model}] o1 {rec.runner.setting['matched']}: {1 / cf:.2f}x fewer passes, {sp:.3f}x measured, "
+                f"efficiency {sp * cf:.3f} (cpu time {sp_cpu * cf:.3f})")  # fmt: skip
+    data["efficiency_full_batch"] = {
+        "what": f"uncached vs ditcache order 1 at its matched settings on all {samples} evaluation samples, "
+        f"{reps} interleaved repeats, minimum",
+        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "models": out,
+    }
+    json_path.write_text(json.dumps(data, indent=1) + "\n")
+    return out
+
+
 MOE_EVAL_BANDS = [1.9, 2.85, 5.0]  # the two-expert variant: the matched ~2x / ~3x points only
 EVAL_BANDS = {
     # ideal-speedup bands: each method's best screening setting per band is evaluated
@@ -954,7 +1020,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-png", type=Path, default=RESULTS / "quality_pareto.png")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--update-doc", action="store_true", help=f"rewrite the table block in {DOC.relative_to(REPO)}")
+    parser.add_argument("--efficiency-check", action="store_true",
+                        help="only: time uncached vs ditcache order 1 at the matched settings of --out-json on the "
+                        "whole evaluation batch and add the result to that JSON")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.efficiency_check:
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        efficiency_check(args.out_json, args.reps or 3, lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
+        return 0
 
     from ditcache.models import MODELS_DIR
 
