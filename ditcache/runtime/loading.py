@@ -8,6 +8,8 @@ Layout (``model_index.json`` names each part as ``[library, class]``, or ``null`
     tokenizer/         its tokenizer
     vae/               AutoencoderKLWan, or "vae": null for a model that denoises pixels directly
     scheduler/         scheduler_config.json (only its shift is read: sampling is ditcache's own)
+    image_encoder/     optional (Wan2.1 I2V/FL2V): transformers CLIPVisionModel config + weights
+    image_processor/   optional, with image_encoder: its CLIPImageProcessor (preprocessor_config.json)
 
 The ``"ditcache"`` section states what diffusers' index cannot: ``latent_space`` ("pixel" or "vae"),
 the default request (``height``, ``width``, ``num_frames``, ``default_steps``,
@@ -38,6 +40,12 @@ _PART_FILES = {
     "tokenizer": (None, "the tokenizer files (tokenizer.json or tokenizer_config.json + vocabulary)"),
     "vae": ("config.json", "an AutoencoderKLWan config and its weights (*.safetensors)"),
     "scheduler": ("scheduler_config.json", "the scheduler config (its 'shift' or 'flow_shift' is the default shift)"),
+    "image_encoder": ("config.json", "a transformers CLIPVisionModel config and its weights (*.safetensors)"),
+    "image_processor": ("preprocessor_config.json", "the CLIPImageProcessor's preprocessor_config.json"),
+}
+IMAGE_PARTS = {
+    "image_encoder": ("transformers", "CLIPVisionModel"),
+    "image_processor": ("transformers", "CLIPImageProcessor"),
 }
 
 
@@ -66,6 +74,8 @@ class LoadedModel:
     transformers: dict[str, torch.nn.Module]  # "transformer" (and "transformer_2" for two experts)
     text_encoder: TextEncoder
     vae: torch.nn.Module | None
+    image_encoder: torch.nn.Module | None = None  # CLIPVisionModel (Wan2.1 I2V/FL2V)
+    image_processor: Any | None = None  # its CLIPImageProcessor
 
 
 def read_model_index(model_dir: str | Path) -> dict[str, Any]:
@@ -207,6 +217,32 @@ def load_text_encoder(root: Path, index: dict[str, Any], dtype: torch.dtype) -> 
     )
 
 
+def load_image_parts(root: Path, index: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
+    """The CLIP ``image_encoder`` and ``image_processor`` when the index lists them (both or neither)."""
+    specs = {part: part_spec(index, part) for part in IMAGE_PARTS}
+    listed = [part for part, spec in specs.items() if spec is not None]
+    if not listed:
+        return None, None
+    if len(listed) == 1:
+        other = next(part for part in IMAGE_PARTS if part not in listed)
+        raise ParamsError(
+            f"model directory {root}: model_index.json lists {listed[0]} but not {other}; both are needed"
+        )
+    for part, spec in specs.items():
+        if spec != IMAGE_PARTS[part]:
+            raise UnknownModelError(
+                f"{root}: unsupported {part} {spec[0]}.{spec[1]}; supported: {'.'.join(IMAGE_PARTS[part])}"
+            )
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    encoder_dir = check_part(root, "image_encoder")
+    if not any(encoder_dir.glob("*.safetensors")):
+        raise ParamsError(f"{encoder_dir} has no *.safetensors weights (only safetensors checkpoints are loaded)")
+    encoder = CLIPVisionModel.from_pretrained(str(encoder_dir), dtype=dtype, local_files_only=True).eval()
+    processor = CLIPImageProcessor.from_pretrained(str(check_part(root, "image_processor")), local_files_only=True)
+    return encoder, processor
+
+
 def load_model_dir(
     model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> LoadedModel:
@@ -230,4 +266,7 @@ def load_model_dir(
     text_encoder = load_text_encoder(root, index, dtype)
     if isinstance(text_encoder, torch.nn.Module):
         text_encoder = text_encoder.to(device)
-    return LoadedModel(root, index, settings, transformers, text_encoder, vae)
+    image_encoder, image_processor = load_image_parts(root, index, dtype)
+    if image_encoder is not None:
+        image_encoder = image_encoder.to(device)
+    return LoadedModel(root, index, settings, transformers, text_encoder, vae, image_encoder, image_processor)

@@ -1,4 +1,12 @@
-"""Text-to-video/image pipelines for Wan2.1 (one transformer) and Wan2.2 A14B (two experts).
+"""Text-to-video/image and image-to-video pipelines for Wan2.1 (one transformer) and Wan2.2 A14B (two experts).
+
+An image-conditioned checkpoint (transformer ``in_channels`` = ``out_channels`` + VAE temporal scale +
+``z_dim``: Wan2.1 I2V/FL2V, Wan2.2 A14B I2V) is driven as diffusers' ``WanImageToVideoPipeline``
+does (``expand_timesteps``, Wan2.2 TI2V, is not supported): ``image=`` (and ``last_image=`` for
+first-last-frame) become a condition = [mask, normalised VAE latents of the video
+[image, zeros..., (last_image)]] concatenated to the noisy latents along channels at every step, the
+same for both CFG branches; Wan2.1 (transformer ``image_dim`` set) also gets the frames' CLIP
+embeddings (``image_encoder``'s penultimate hidden states) as ``encoder_hidden_states_image``.
 
 Per denoising step the conditional and the unconditional branch are two separate adapter calls, each
 with ``is_cond`` set, because a feature cache keeps per-branch state (curve, counter, residuals);
@@ -13,8 +21,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ditcache.cache.base import BaseFeatureCache
 from ditcache.errors import ParamsError
@@ -46,6 +56,7 @@ class _Request:
     seed: int
     latent_shape: tuple[int, ...]
     experts: list[str]  # expert name per step
+    num_frames: int = 1
 
     @property
     def do_cfg(self) -> bool:
@@ -69,6 +80,8 @@ class WanPipeline(DenoisingPipeline):
         settings: ModelSettings,
         vae: torch.nn.Module | None = None,
         *,
+        image_encoder: torch.nn.Module | None = None,
+        image_processor: Any | None = None,
         parallel: ParallelGroups | None = None,
     ) -> None:
         missing = [name for name in self.expert_names if name not in transformers]
@@ -84,6 +97,49 @@ class WanPipeline(DenoisingPipeline):
         self.text_encoder = text_encoder
         self.settings = settings
         self.vae = vae
+        self.image_encoder = image_encoder
+        self.image_processor = image_processor
+        self._check_image_parts()
+
+    def _check_image_parts(self) -> None:
+        """An image-conditioned checkpoint needs a VAE whose condition fits its channels, and a CLIP
+        image encoder + processor when its transformer takes image embeddings (``image_dim``)."""
+        config = self._model.config
+        for name, adapter in self.adapters.items():
+            other = adapter.transformer.config
+            if (other.in_channels, other.out_channels) != (config.in_channels, config.out_channels):
+                raise ParamsError(f"the experts' channels differ: {name} is {other.in_channels}->{other.out_channels}")
+        if not self.image_conditioned:
+            return
+        if self.vae is None:
+            raise ParamsError(
+                f"this transformer takes {config.in_channels} input channels but predicts {config.out_channels}: an "
+                "image-conditioned (I2V/FL2V) checkpoint, whose image condition needs a vae (latent_space 'vae')"
+            )
+        condition = int(self.vae.config.scale_factor_temporal) + int(self.vae.config.z_dim)
+        if config.in_channels != config.out_channels + condition:
+            raise ParamsError(
+                f"this transformer takes {config.in_channels} input channels and predicts {config.out_channels}; an "
+                f"image-conditioned Wan transformer with this vae takes {config.out_channels} + {condition} "
+                "(mask + image latents); other channel layouts are not supported"
+            )
+        if config.image_dim is not None and (self.image_encoder is None or self.image_processor is None):
+            raise ParamsError(
+                f"this transformer takes CLIP image embeddings (image_dim={config.image_dim}): pass image_encoder= "
+                "(transformers CLIPVisionModel) and image_processor= (CLIPImageProcessor), or load a directory "
+                "with image_encoder/ and image_processor/"
+            )
+
+    @property
+    def image_conditioned(self) -> bool:
+        """Whether the checkpoint is I2V/FL2V (it takes a condition besides the noisy latents)."""
+        config = self._model.config
+        return config.in_channels != config.out_channels
+
+    @property
+    def first_last_frame(self) -> bool:
+        """Wan2.1 FL2V: the image embedder has a position embedding for two frames' tokens."""
+        return self._model.config.pos_embed_seq_len is not None
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, *, parallel: ParallelGroups | None = None) -> "WanPipeline":
@@ -93,7 +149,15 @@ class WanPipeline(DenoisingPipeline):
                 f"{loaded.path} has the experts {extra} that {cls.__name__} would ignore; "
                 "use Wan22Pipeline (or load_pipeline, which picks the class)"
             )
-        return cls(loaded.transformers, loaded.text_encoder, loaded.settings, loaded.vae, parallel=parallel)
+        return cls(
+            loaded.transformers,
+            loaded.text_encoder,
+            loaded.settings,
+            loaded.vae,
+            image_encoder=loaded.image_encoder,
+            image_processor=loaded.image_processor,
+            parallel=parallel,
+        )
 
     @classmethod
     def from_pretrained(
@@ -121,11 +185,6 @@ class WanPipeline(DenoisingPipeline):
 
     def _latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         config = self._model.config
-        if config.in_channels != config.out_channels:
-            raise ParamsError(
-                f"this transformer takes {config.in_channels} input channels but predicts {config.out_channels}: "
-                "an image-conditioned (I2V/FL2V) checkpoint, which this text-to-video pipeline cannot drive"
-            )
         p_t, p_h, p_w = config.patch_size
         s_t, s_s = self._scale_factors()
         for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
@@ -141,7 +200,7 @@ class WanPipeline(DenoisingPipeline):
         latent_frames = (num_frames - 1) // s_t + 1
         if latent_frames % p_t:
             raise ParamsError(f"{latent_frames} latent frames are not divisible by the temporal patch size {p_t}")
-        return (batch, config.in_channels, latent_frames, height // s_s, width // s_s)
+        return (batch, config.out_channels, latent_frames, height // s_s, width // s_s)
 
     # -- experts ----------------------------------------------------------------------------------
 
@@ -189,7 +248,10 @@ class WanPipeline(DenoisingPipeline):
             settings.width if width is None else width,
             settings.num_frames if num_frames is None else num_frames,
         )
-        return _Request(prompts, negatives, schedule, float(guidance), seed, shape, self._experts_per_step(schedule))
+        frames = settings.num_frames if num_frames is None else num_frames
+        return _Request(
+            prompts, negatives, schedule, float(guidance), seed, shape, self._experts_per_step(schedule), frames
+        )
 
     @torch.inference_mode()
     def __call__(
@@ -210,6 +272,8 @@ class WanPipeline(DenoisingPipeline):
         feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache] | None = None,
         calibrator: BaseFeatureCache | None = None,
         progress: bool = True,
+        image: Any | None = None,
+        last_image: Any | None = None,
     ) -> GenerationOutput:
         """Generate one sample per prompt.
 
@@ -217,8 +281,13 @@ class WanPipeline(DenoisingPipeline):
         precedence: ``calibrator`` (measures, never skips; shared by all experts), ``feature_cache``
         (any BaseFeatureCache), an AdaTaylorCache built from ``model_type``'s params when
         ``enable_ada_taylor_cache``, else none. ``guidance_scale <= 1`` runs no unconditional pass.
+
+        An image-conditioned checkpoint needs ``image`` (the first frame: a PIL image or a ``[C, H, W]``
+        tensor in [0, 1], resized bilinearly to ``height`` x ``width`` if needed; one image for every
+        prompt); ``last_image`` (same forms) makes it first-last-frame: Wan2.1 FL2V, or Wan2.2 A14B.
         """
         start = time.perf_counter()
+        self._check_image_request(image, last_image)
         request = self._prepare(
             prompt, negative_prompt, num_inference_steps, guidance_scale, sigma_shift, seed, height, width, num_frames
         )
@@ -231,10 +300,29 @@ class WanPipeline(DenoisingPipeline):
         model = self._model
         device, dtype = model.device, model.dtype
         batch = len(request.prompts)
-        branch_inputs = {True: {"encoder_hidden_states": self._encode(request.prompts, dtype, device)}}
+        branch_inputs: dict[bool, dict[str, Any]] = {
+            True: {"encoder_hidden_states": self._encode(request.prompts, dtype, device)}
+        }
         if request.do_cfg:
             branch_inputs[False] = {"encoder_hidden_states": self._encode(request.negative_prompts, dtype, device)}
         schedule = request.schedule
+        if image is None:
+            model_input = lambda latents, step: latents.to(dtype)  # noqa: E731
+        else:
+            _, _, _, height_px, width_px = request.latent_shape
+            s_s = self._scale_factors()[1]
+            size = (height_px * s_s, width_px * s_s)
+            first = as_pixels(image, size, "image")
+            last = None if last_image is None else as_pixels(last_image, size, "last_image")
+            if last is not None and request.num_frames < 2:
+                raise ParamsError(f"last_image= needs num_frames >= 2, got {request.num_frames}")
+            condition = self.image_condition(first, last, batch, request.num_frames).to(device=device, dtype=dtype)
+            model_input = lambda latents, step: torch.cat([latents.to(dtype), condition], dim=1)  # noqa: E731
+            if self._model.config.image_dim is not None:
+                # Both branches see the same image tokens, as in diffusers.
+                embeds = self.image_embeds(image, last_image, batch).to(device=device, dtype=dtype)
+                for inputs in branch_inputs.values():
+                    inputs["encoder_hidden_states_image"] = embeds
         loop = self._new_request(
             schedule,
             request.experts,
@@ -243,7 +331,7 @@ class WanPipeline(DenoisingPipeline):
             feature_cache=feature_cache,
             calibrator=calibrator,
             ada_taylor=ada_taylor,
-            model_input=lambda latents, step: latents.to(dtype),
+            model_input=model_input,
             timestep=lambda step: schedule.timesteps[step].to(device).expand(batch),
         )
         # Noise is drawn on the CPU so a seed gives the same sample on every device (and every rank).
@@ -251,6 +339,81 @@ class WanPipeline(DenoisingPipeline):
         latents = torch.randn(request.latent_shape, generator=generator, dtype=torch.float32).to(device)
         latents = self._denoise(loop, latents, progress)
         return self._report(loop, self._decode(latents), time.perf_counter() - start)
+
+    # -- image conditioning -----------------------------------------------------------------------
+
+    def _check_image_request(self, image: Any | None, last_image: Any | None) -> None:
+        if not self.image_conditioned:
+            if image is not None or last_image is not None:
+                raise ParamsError(
+                    "image=/last_image= given, but this is a text-to-video checkpoint (transformer in_channels == "
+                    "out_channels); load an image-to-video (I2V/FL2V) checkpoint to condition on images"
+                )
+            return
+        if image is None:
+            raise ParamsError(
+                "this is an image-to-video checkpoint (transformer in_channels != out_channels): pass image= "
+                "(the first frame, a PIL image or a [C, H, W] tensor in [0, 1])"
+            )
+        if self._model.config.image_dim is not None:
+            if last_image is not None and not self.first_last_frame:
+                raise ParamsError(
+                    "last_image= needs a first-last-frame (FL2V) checkpoint; this Wan2.1 I2V transformer's image "
+                    "embedder has no position embedding for two frames (pos_embed_seq_len is None)"
+                )
+            if last_image is None and self.first_last_frame:
+                raise ParamsError(
+                    "this is a first-last-frame (FL2V) checkpoint (pos_embed_seq_len set): pass last_image= too"
+                )
+
+    def image_condition(
+        self, image: torch.Tensor, last_image: torch.Tensor | None, batch: int, num_frames: int
+    ) -> torch.Tensor:
+        """``[B, s_t + z_dim, F, h, w]``: the frame mask then the normalised latents of the video
+        [image, zeros..., (last_image)] (``image``/``last_image``: ``[1, 3, H, W]`` in [-1, 1]), as
+        diffusers' ``WanImageToVideoPipeline.prepare_latents``. The mask has ``s_t`` (temporal scale)
+        channels per latent frame, one per pixel frame it covers (the first latent frame covers the
+        first pixel frame ``s_t`` times): 1 on the given frames."""
+        vae = self.vae
+        assert vae is not None
+        config = vae.config
+        s_t = int(config.scale_factor_temporal)
+        gap = num_frames - 1 - (last_image is not None)  # frames between the given ones
+        frames = [image.unsqueeze(2), image.new_zeros(1, image.shape[1], gap, *image.shape[2:])]
+        if last_image is not None:
+            frames.append(last_image.unsqueeze(2))
+        video = torch.cat(frames, dim=2).to(device=vae.device, dtype=vae.dtype)
+        latents = vae.encode(video).latent_dist.mode().float()
+        view = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean, device=latents.device).view(view)
+        inv_std = 1.0 / torch.tensor(config.latents_std, device=latents.device).view(view)
+        latents = ((latents - mean) * inv_std).repeat(batch, 1, 1, 1, 1)
+        latent_frames, height, width = latents.shape[2:]
+
+        given = torch.zeros(num_frames)
+        given[0] = 1.0
+        if last_image is not None:
+            given[-1] = 1.0
+        given = torch.cat([given[:1].repeat(s_t), given[1:]])  # the first latent frame holds frame 0 s_t times
+        mask = given.view(latent_frames, s_t).T.to(latents)  # [s_t, F]
+        mask = mask[None, :, :, None, None].expand(batch, s_t, latent_frames, height, width)
+        return torch.cat([mask, latents], dim=1)
+
+    def image_embeds(self, image: Any, last_image: Any | None, batch: int) -> torch.Tensor:
+        """CLIP image tokens (penultimate hidden states of ``image_encoder``), as diffusers: ``[B, S, D]``,
+        or for FL2V ``[2B, S, D]`` (first, last per sample; the FL2V image embedder pairs them up)."""
+        images = [image] if last_image is None else [image, last_image]
+        tensors = [isinstance(i, torch.Tensor) for i in images]
+        kwargs = {}
+        if any(tensors):
+            # Tensors are in [0, 1]: rescaling by 1/255 (for uint8 pixels) must be off.
+            images = [i.float() if isinstance(i, torch.Tensor) else pil_to_unit(i) for i in images]
+            kwargs["do_rescale"] = False
+        encoder = self.image_encoder
+        assert encoder is not None and self.image_processor is not None
+        pixels = self.image_processor(images=images, return_tensors="pt", **kwargs)["pixel_values"]
+        hidden = encoder(pixel_values=pixels.to(device=encoder.device, dtype=encoder.dtype), output_hidden_states=True)
+        return hidden.hidden_states[-2].repeat(batch, 1, 1)
 
     def _encode(self, prompts: list[str], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self.text_encoder.encode(prompts).to(device=device, dtype=dtype)
@@ -266,6 +429,33 @@ class WanPipeline(DenoisingPipeline):
             std = torch.tensor(config.latents_std, device=latents.device).view(view)
             sample = self.vae.decode((latents * std + mean).to(self.vae.dtype), return_dict=False)[0]
         return (sample.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def pil_to_unit(image: Any) -> torch.Tensor:
+    """A PIL image as an RGB ``[3, H, W]`` float tensor in [0, 1]."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def as_pixels(image: Any, size: tuple[int, int], what: str) -> torch.Tensor:
+    """``image`` (PIL, or ``[3, H, W]`` tensor in [0, 1]) as ``[1, 3, *size]`` float32 in [-1, 1]."""
+    if isinstance(image, torch.Tensor):
+        pixels = image.detach().float().cpu()
+        if pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise ParamsError(
+                f"{what} as a tensor must be [3, H, W] (RGB, values in [0, 1]), got {tuple(pixels.shape)}"
+            )
+        if pixels.numel() and (pixels.min() < 0 or pixels.max() > 1 or not torch.isfinite(pixels).all()):
+            raise ParamsError(f"{what} as a tensor must hold values in [0, 1]")
+    elif hasattr(image, "convert") and hasattr(image, "size"):
+        pixels = pil_to_unit(image)
+    else:
+        raise ParamsError(f"{what} must be a PIL image or a [3, H, W] tensor in [0, 1], got {type(image).__name__}")
+    pixels = pixels.unsqueeze(0)
+    if tuple(pixels.shape[2:]) != tuple(size):
+        pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return pixels * 2.0 - 1.0
 
 
 class Wan22Pipeline(WanPipeline):
@@ -291,9 +481,19 @@ class Wan22Pipeline(WanPipeline):
         vae: torch.nn.Module | None = None,
         boundary_ratio: float | None = None,
         *,
+        image_encoder: torch.nn.Module | None = None,
+        image_processor: Any | None = None,
         parallel: ParallelGroups | None = None,
     ) -> None:
-        super().__init__(transformers, text_encoder, settings, vae, parallel=parallel)
+        super().__init__(
+            transformers,
+            text_encoder,
+            settings,
+            vae,
+            image_encoder=image_encoder,
+            image_processor=image_processor,
+            parallel=parallel,
+        )
         ratio = settings.boundary_ratio if boundary_ratio is None else boundary_ratio
         if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ParamsError(f"Wan2.2 needs boundary_ratio in [0, 1] (model_index.json or argument), got {ratio!r}")
