@@ -992,10 +992,10 @@ def efficiency_check(json_path: Path, reps: int, log) -> dict:
     return out
 
 
-MOE_EVAL_BANDS = [1.9, 2.85, 5.0]  # the two-expert variant: the matched ~2x / ~3x points only
+MOE_EVAL_BANDS = [1.9, 2.85, 3.3, 5.0]  # the two-expert variant: around the matched ~2x / ~3x points only
 EVAL_BANDS = {
     # ideal-speedup bands: each method's best screening setting per band is evaluated
-    "full": [1.5, 1.9, 2.4, 2.85, 5.0],
+    "full": [1.5, 1.9, 2.4, 2.85, 3.3, 5.0],
     "quick": [1.9, 2.85, 5.0],
     "smoke": [1.0, 100.0],
 }
@@ -1038,7 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
     calib_n = args.calib_samples or {"smoke": 4, "quick": 10, "full": 20}[mode]
     screen_n = min(calib_n, args.screen_samples or {"smoke": 4, "quick": 10, "full": 5}[mode])
     timing_n = min(samples, args.timing_samples or {"smoke": 4, "quick": 5, "full": 10}[mode])
-    reps = args.reps or {"smoke": 1, "quick": 3, "full": 3}[mode]
+    reps = args.reps or {"smoke": 1, "quick": 3, "full": 5}[mode]
     steps = args.steps or (10 if args.smoke else 50)
     default_models = ["reference-digits"] if mode != "full" else ["reference-digits", "reference-digits-moe"]
     torch.set_num_threads(args.threads)
