@@ -38,7 +38,7 @@ def _calibrate(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
 
 
 def _rank_job(rank: int, world: int, model: str, out_dir: str, cfg: int, sp: int) -> dict[str, Any]:
-    parallel = ["--cfg-parallel", str(cfg), "--sp", str(sp), "--timeout", "60"]
+    parallel = ["--cfg-parallel", str(cfg), "--sp", str(sp), "--timeout", "180"]
     result = {"guided": _calibrate(_args(Path(model), Path(out_dir) / "guided.json", *parallel))}
     if cfg == 1:  # guidance off: no uncond branch anywhere (and none to give a CFG partner)
         off = _args(Path(model), Path(out_dir) / "off.json", "--guidance-scale", "1", *parallel)
@@ -69,7 +69,7 @@ def _max_curve_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_every_layout_writes_the_single_process_curve_once(name, model, single, tmp_path):
     world, cfg, sp = LAYOUTS[name]
-    ranks = values_or_raise(run_ranks(_rank_job, world, str(model), str(tmp_path), cfg, sp, timeout_s=240))
+    ranks = values_or_raise(run_ranks(_rank_job, world, str(model), str(tmp_path), cfg, sp, timeout_s=420))
     runs = ["guided", "guidance_off"] if cfg == 1 else ["guided"]
     for run in runs:
         paths = [r[run][0] for r in ranks]

@@ -75,7 +75,7 @@ def test_world_one_needs_no_torch_distributed(monkeypatch):
 
 
 def _probe(rank: int, world: int, cfg_degree: int, sp_degree: int) -> dict:
-    groups = init_parallel(cfg_degree, sp_degree, timeout_s=20)
+    groups = init_parallel(cfg_degree, sp_degree, timeout_s=90)
     assert dist.get_backend() == "gloo"
     me = torch.tensor([rank])
     probe = {
@@ -124,7 +124,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("world, cfg_degree, sp_degree", list(LAYOUTS), ids=["cfg2xsp2", "cfg-only", "sp-only"])
 def test_groups_per_rank(world, cfg_degree, sp_degree):
-    probes = values_or_raise(run_ranks(_probe, world, cfg_degree, sp_degree, timeout_s=60))
+    probes = values_or_raise(run_ranks(_probe, world, cfg_degree, sp_degree, timeout_s=240))
     for rank, (probe, (coords, branch, sp, cfg)) in enumerate(zip(probes, LAYOUTS[(world, cfg_degree, sp_degree)])):
         assert probe["coords"] == coords, rank
         assert probe["branch"] is branch, rank

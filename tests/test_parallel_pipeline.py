@@ -191,7 +191,7 @@ def _count_all_to_all(groups: ParallelGroups) -> dict[str, int]:
 
 
 def _layout_job(rank: int, world: int, cfg_degree: int, sp_degree: int, names: list[str]) -> dict[str, Any]:
-    groups = init_parallel(cfg_degree, sp_degree, timeout_s=60)
+    groups = init_parallel(cfg_degree, sp_degree, timeout_s=180)
     result: dict[str, Any] = {"cases": _all_cases(groups, names)}
     if cfg_degree == 2:
         pipe, call = _wan(groups, False)
@@ -234,7 +234,7 @@ def ranks_of():
     def run(name: str) -> list[dict[str, Any]]:
         if name not in done:
             cfg_degree, sp_degree, names = LAYOUTS[name]
-            outcomes = run_ranks(_layout_job, cfg_degree * sp_degree, cfg_degree, sp_degree, names, timeout_s=240)
+            outcomes = run_ranks(_layout_job, cfg_degree * sp_degree, cfg_degree, sp_degree, names, timeout_s=420)
             done[name] = values_or_raise(outcomes)
         return done[name]
 
@@ -366,7 +366,7 @@ def _reference_runs(parallel: ParallelGroups | None) -> dict[tuple[str, str], to
 
 
 def _reference_job(rank: int, world: int, cfg_degree: int, sp_degree: int) -> dict[tuple[str, str], torch.Tensor]:
-    return _reference_runs(init_parallel(cfg_degree, sp_degree, timeout_s=60))
+    return _reference_runs(init_parallel(cfg_degree, sp_degree, timeout_s=180))
 
 
 @pytest.mark.parametrize("cfg_degree, sp_degree", [(2, 1), (1, 3)], ids=["cfg2", "sp3"])
@@ -376,7 +376,7 @@ def test_reference_model_layouts_match_single_process(cfg_degree, sp_degree):
     if not (REFERENCE_DIGITS / "model_index.json").is_file() or not (REFERENCE_DIGITS_MOE / "model_index.json").is_file():
         pytest.skip("the bundled reference models are not present")
     single = _reference_runs(None)
-    ranks = values_or_raise(run_ranks(_reference_job, cfg_degree * sp_degree, cfg_degree, sp_degree, timeout_s=240))
+    ranks = values_or_raise(run_ranks(_reference_job, cfg_degree * sp_degree, cfg_degree, sp_degree, timeout_s=420))
     for key, expected in single.items():
         diff = max((r[key] - expected).abs().max().item() for r in ranks)
         print(f"reference cfg{cfg_degree} x sp{sp_degree} {key}: max abs diff {diff:.1e}")

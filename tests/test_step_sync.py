@@ -53,7 +53,7 @@ def _denoise(groups: ParallelGroups, cache: BaseFeatureCache) -> tuple[str, obje
 
 
 def _cfg_sp_cases(rank: int, world: int) -> dict:
-    groups = init_parallel(2, 2, timeout_s=20)
+    groups = init_parallel(2, 2, timeout_s=90)
     out = {}
     # rank-consistent: the cond SP group skips 2 and 3, the uncond SP group only 3
     out["matching"] = _denoise(groups, _ScriptedCache({True: {2, 3}, False: {3}}))
@@ -99,7 +99,7 @@ def _sp_only_cases(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def cfg2_sp2() -> list[dict]:
-    return values_or_raise(run_ranks(_cfg_sp_cases, 4, timeout_s=60))
+    return values_or_raise(run_ranks(_cfg_sp_cases, 4, timeout_s=240))
 
 
 def test_matching_decisions_pass(cfg2_sp2):
@@ -134,7 +134,7 @@ def test_cfg_partner_step_mismatch_and_wrong_branch(cfg2_sp2):
 
 @pytest.fixture(scope="module")
 def sp2() -> list[dict]:
-    return values_or_raise(run_ranks(_sp_only_cases, 2, timeout_s=60))
+    return values_or_raise(run_ranks(_sp_only_cases, 2, timeout_s=180))
 
 
 def test_data_dependent_cache_is_caught(sp2):

@@ -146,7 +146,7 @@ def _shard_roundtrip(sp: Group) -> dict:
 
 
 def _run_all(rank: int, world: int) -> dict:
-    groups = init_parallel(1, world, timeout_s=30)
+    groups = init_parallel(1, world, timeout_s=90)
     with torch.no_grad():
         return {
             "shard": _shard_roundtrip(groups.sp),
@@ -161,7 +161,7 @@ def _run_all(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def sp2() -> list[dict]:
-    return values_or_raise(run_ranks(_run_all, 2, timeout_s=90))
+    return values_or_raise(run_ranks(_run_all, 2, timeout_s=240))
 
 
 def test_shard_and_gather_roundtrip_with_padding(sp2):
