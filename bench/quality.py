@@ -26,9 +26,11 @@ SSIM (torchmetrics) against the uncached samples, and class accuracy by a small 
 same MNIST digits. Calibration (MagCache curve, TeaCache polynomial) uses seeds disjoint from the
 evaluation seeds.
 
-    python bench/quality.py                 # full run (~100 samples per model), writes bench/results/
-    python bench/quality.py --quick         # reduced grid and samples
-    python bench/quality.py --smoke --out-json /tmp/q.json --no-plot   # tiny end-to-end check
+    python bench/quality.py --update-doc    # full run (100 samples per model), writes bench/results/ and
+                                            # the table block of docs/benchmarks.md
+    python bench/quality.py --efficiency-check   # then: order 1 at its matched settings vs uncached, 100 samples
+    python bench/quality.py --quick         # reduced grid, 20 samples, reference model only (~2 min)
+    python bench/quality.py --smoke --out-json /tmp/q.json --no-plot   # tiny end-to-end check (~15 s)
 """
 
 from __future__ import annotations
