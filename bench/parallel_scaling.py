@@ -44,7 +44,7 @@ def time_layout(rank: int, world: int, cfg: int, sp: int, reps: int) -> dict:
         passes = {}
         for _ in range(reps):
             for cache in CACHES:  # interleaved, so drift in machine load hits both alike
-                out = pipe(**request, enable_ada_taylor_cache=cache == "ada_taylor")
+                out = pipe(**request, cache=cache)
                 best[cache] = min(best[cache], out.wall_time_s)
                 passes[cache] = sum(out.total_stack_passes().values())
         return {"wall_s": best, "block_passes": passes, "layout_detail": out.layout}

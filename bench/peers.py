@@ -32,7 +32,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ditcache.cache.base import BaseFeatureCache, BranchStats, branch_name
+from ditcache.cache.base import BaseFeatureCache, BranchStats
+from ditcache.cache.context import branch_name
 from ditcache.errors import CacheConfigError, CacheStateError
 
 

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> tuple[Path | None, dict]:
         show = not args.no_progress and groups.rank == 0
         mine = replica_batches(prompts, args.batch_size, groups)
         for i, batch in tqdm(mine, desc="calibrating", disable=not show):
-            pipe(prompt=batch, seed=args.seed + i, calibrator=calibrator, **common)
+            pipe(prompt=batch, seed=args.seed + i, cache=calibrator, **common)
         pool_calibration(calibrator, groups)
         data = calibrator.result()
 
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> tuple[Path | None, dict]:
             recorder = ResidualRecorder(steps, max_tokens=max(1, TUNE_TOKENS // groups.config.sp_degree))
             mine = replica_batches(prompts[: args.tune_prompts], args.batch_size, groups)
             for i, batch in tqdm(mine, desc="recording", disable=not show):
-                pipe(prompt=batch, seed=args.seed + i, calibrator=recorder, **common)
+                pipe(prompt=batch, seed=args.seed + i, cache=recorder, **common)
             replayer = PlanReplayer(
                 gather_trajectories(recorder, groups), sigmas, guidance,
                 n_derivatives=args.order, taylor_threshold=args.taylor_threshold,

@@ -39,6 +39,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ditcache.cache import AdaTaylorConfig, available_caches, cache_config  # noqa: E402
 from ditcache.errors import DitCacheError, ParamsError, UnknownModelError  # noqa: E402
 from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE  # noqa: E402
 from ditcache.parallel import DEFAULT_TIMEOUT_S, ParallelGroups, destroy_parallel, init_parallel  # noqa: E402
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("--num-frames", type=int)
 
     cache = parser.add_argument_group("feature cache")
-    cache.add_argument("--cache", choices=("none", "ada_taylor"), default="ada_taylor")
+    cache.add_argument("--cache", choices=available_caches(), default="ada_taylor", help="a registered cache")
     cache.add_argument("--order", type=int, default=1, help="Taylor order (0 = residual reuse only)")
     cache.add_argument("--taylor-threshold", type=int, default=2, help="beyond this many steps reuse the residual")
     cache.add_argument("--model-type", help="params model_type (default: the model directory's)")
@@ -207,9 +208,9 @@ def request_kwargs(args: argparse.Namespace, prompts: list[str]) -> dict[str, An
     kwargs.update(
         prompt=prompts,
         seed=args.seed,
-        enable_ada_taylor_cache=args.cache == "ada_taylor",
-        ada_taylor_n_derivatives=args.order,
-        ada_taylor_taylor_threshold=args.taylor_threshold,
+        cache=AdaTaylorConfig(n_derivatives=args.order, taylor_threshold=args.taylor_threshold)
+        if args.cache == "ada_taylor"
+        else cache_config(args.cache),
         progress=not args.no_progress,
     )
     return kwargs

@@ -9,7 +9,7 @@ import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
 from ditcache.cache.ada_taylor import AdaTaylorCache
-from ditcache.cache.base import NoCache
+from ditcache.cache.none import NoCache
 from ditcache.runtime.adapters import adapter_for
 from ditcache.runtime.adapters.hunyuan_video import HunyuanVideoAdapter
 from ditcache.runtime.hunyuan_pipeline import HunyuanPromptEmbeds, HunyuanPromptEncoder, HunyuanVideoPipeline
@@ -151,7 +151,7 @@ def test_pipeline_with_real_cfg_runs_the_stack_exactly_on_planned_steps():
     pipe = HunyuanVideoPipeline(model)
     cache = skipping_cache()
     counts, handle = count_block_passes(model, {6: "cond", 4: "uncond"})
-    out = run(pipe, negative_prompt_embeds=embeds(2, 4), guidance_scale=3.0, feature_cache=cache)
+    out = run(pipe, negative_prompt_embeds=embeds(2, 4), guidance_scale=3.0, cache=cache)
     handle.remove()
     planned = {"cond": cache.planned_compute_steps(True), "uncond": cache.planned_compute_steps(False)}
     assert all(len(steps) < STEPS for steps in planned.values()), planned
@@ -166,13 +166,13 @@ def test_pipeline_cache_that_computes_every_step_equals_uncached_output():
     kwargs = dict(negative_prompt_embeds=embeds(2, 4), guidance_scale=3.0)
     uncached = run(pipe, enable_ada_taylor_cache=False, **kwargs)
     always = skipping_cache(thresh=0.0)
-    cached = run(pipe, feature_cache=always, **kwargs)
+    cached = run(pipe, cache=always, **kwargs)
     assert cached.stack_passes["transformer"] == {"cond": STEPS, "uncond": STEPS}
     assert torch.equal(cached.frames, uncached.frames)
     # A cache that skips changes the result, and a rerun with it starts clean (same result again).
     skipping = skipping_cache()
-    first = run(pipe, feature_cache=skipping, **kwargs)
-    second = run(pipe, feature_cache=skipping, **kwargs)
+    first = run(pipe, cache=skipping, **kwargs)
+    second = run(pipe, cache=skipping, **kwargs)
     assert not torch.equal(first.frames, uncached.frames)
     assert torch.equal(first.frames, second.frames)
 
@@ -180,7 +180,7 @@ def test_pipeline_cache_that_computes_every_step_equals_uncached_output():
 def test_embedded_guidance_only_runs_no_unconditional_branch():
     model = tiny_hunyuan()
     counts, handle = count_block_passes(model, {6: "cond", 4: "uncond"})
-    out = run(HunyuanVideoPipeline(model), feature_cache=skipping_cache(), embedded_guidance_scale=4.0)
+    out = run(HunyuanVideoPipeline(model), cache=skipping_cache(), embedded_guidance_scale=4.0)
     handle.remove()
     assert counts["uncond"] == 0 and out.branch_steps == {"cond": STEPS}
     assert counts["cond"] == out.stack_passes["transformer"]["cond"] < STEPS
@@ -189,7 +189,7 @@ def test_embedded_guidance_only_runs_no_unconditional_branch():
 def test_token_replace_i2v_keeps_the_image_as_first_frame():
     model = tiny_hunyuan("token_replace")
     image_latents = torch.randn(1, 4, 1, 4, 6, generator=torch.Generator().manual_seed(9))
-    out = run(HunyuanVideoPipeline(model), image_latents=image_latents, feature_cache=skipping_cache())
+    out = run(HunyuanVideoPipeline(model), image_latents=image_latents, cache=skipping_cache())
     assert torch.equal(out.frames[:, :, :1], image_latents)
     assert out.stack_passes["transformer"]["cond"] < STEPS
 
@@ -242,6 +242,7 @@ def test_shipped_params_cache_skips_and_the_stack_runs_only_on_computed_steps(im
         num_inference_steps=50,
         negative_prompt_embeds=embeds(2, 4),
         guidance_scale=3.0,
+        cache="ada_taylor",
         **extra,
     )
     handle.remove()

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
 from ditcache.cache.ada_taylor import AdaTaylorCache
-from ditcache.cache.base import NoCache
+from ditcache.cache.none import NoCache
 from ditcache.runtime.adapters import adapter_for
 from ditcache.runtime.adapters.qwen_image import QwenImageAdapter
 from ditcache.runtime.qwen_pipeline import DynamicShift, QwenImagePipeline, QwenPromptEmbeds, QwenPromptEncoder
@@ -152,7 +152,7 @@ def test_pipeline_runs_the_stack_exactly_on_planned_steps(references):
     model = tiny_qwen()
     cache = skipping_cache()
     counts, handle = count_block_passes(model, {5: "cond", 3: "uncond"})
-    out = run(QwenImagePipeline(model), feature_cache=cache, reference_latents=references)
+    out = run(QwenImagePipeline(model), cache=cache, reference_latents=references)
     handle.remove()
     planned = {"cond": cache.planned_compute_steps(True), "uncond": cache.planned_compute_steps(False)}
     assert all(len(steps) < STEPS for steps in planned.values()), planned
@@ -166,17 +166,17 @@ def test_pipeline_runs_the_stack_exactly_on_planned_steps(references):
 def test_pipeline_cache_that_computes_every_step_equals_uncached_output(references):
     pipe = QwenImagePipeline(tiny_qwen())
     uncached = run(pipe, enable_ada_taylor_cache=False, reference_latents=references)
-    cached = run(pipe, feature_cache=skipping_cache(thresh=0.0), reference_latents=references)
+    cached = run(pipe, cache=skipping_cache(thresh=0.0), reference_latents=references)
     assert cached.stack_passes["transformer"] == {"cond": STEPS, "uncond": STEPS}
     assert torch.equal(cached.frames, uncached.frames)
-    skipped = run(pipe, feature_cache=skipping_cache(), reference_latents=references)
+    skipped = run(pipe, cache=skipping_cache(), reference_latents=references)
     assert not torch.equal(skipped.frames, uncached.frames)
 
 
 def test_guidance_off_runs_no_unconditional_branch():
     model = tiny_qwen()
     counts, handle = count_block_passes(model, {5: "cond", 3: "uncond"})
-    out = run(QwenImagePipeline(model), feature_cache=skipping_cache(), guidance_scale=1.0)
+    out = run(QwenImagePipeline(model), cache=skipping_cache(), guidance_scale=1.0)
     handle.remove()
     assert counts["uncond"] == 0 and out.branch_steps == {"cond": STEPS}
     assert counts["cond"] == out.stack_passes["transformer"]["cond"] < STEPS
@@ -259,7 +259,7 @@ def test_shipped_params_cache_skips_and_the_stack_runs_only_on_computed_steps(re
     """The default cache (Qwen-Image / Qwen-Image-Edit-Plus params) at the released step counts."""
     model = tiny_qwen()
     counts, handle = count_block_passes(model, {5: "cond", 3: "uncond"})
-    out = run(QwenImagePipeline(model), num_inference_steps=None, reference_latents=references)
+    out = run(QwenImagePipeline(model), num_inference_steps=None, reference_latents=references, cache="ada_taylor")
     handle.remove()
     steps = 40 if references else 50
     stats = out.cache_stats["transformer"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditcache.cache.base import NoCache
+from ditcache.cache.none import NoCache
 from ditcache.errors import UnknownModelError
 from ditcache.runtime.adapters import adapter_class, adapter_for, known_families
 from ditcache.runtime.adapters.wan import WanAdapter

@@ -26,7 +26,7 @@ def setup():
     pipe = load_pipeline(REFERENCE_DIGITS)
     common = dict(num_inference_steps=STEPS, sigma_shift=SHIFT, guidance_scale=GUIDANCE, progress=False)
     recorder = ResidualRecorder(STEPS)
-    pipe(prompt=EVAL[:5], seed=100, calibrator=recorder, **common)  # other seeds than the evaluation
+    pipe(prompt=EVAL[:5], seed=100, cache=recorder, **common)  # other seeds than the evaluation
     sigmas = flow_match_schedule(STEPS, SHIFT).sigmas[:-1].tolist()
     replayer = PlanReplayer({c: recorder.trajectories(c) for c in (True, False)}, sigmas, GUIDANCE)
     reference = pipe(prompt=EVAL, seed=7, enable_ada_taylor_cache=False, **common).frames
@@ -39,7 +39,7 @@ def test_tuned_plan_meets_target_and_beats_hand_rule(setup, target):
     params = load_params("Reference-Digits")
     result = tune(replayer, params, target_speedup=target, sigmas=sigmas)
     tuned = params_from_dict(tuned_params(params, result, STEPS, {"target_speedup": target}))
-    out = pipe(prompt=EVAL, seed=7, feature_cache=AdaTaylorCache(params=tuned, num_inference_steps=STEPS,
+    out = pipe(prompt=EVAL, seed=7, cache=AdaTaylorCache(params=tuned, num_inference_steps=STEPS,
                                                                  sigmas=sigmas), **common)  # fmt: skip
     passes = sum(out.total_stack_passes().values())
     achieved = 2 * STEPS / passes
@@ -49,7 +49,7 @@ def test_tuned_plan_meets_target_and_beats_hand_rule(setup, target):
     hand_thresh = thresh_for_budget(curve, STEPS, passes // 2, 4, 0.2)
     hand = params_from_dict({**tuned_params(params, result, STEPS, {}), "K": 4, "retention_ratio": 0.2,
                              "thresh": hand_thresh, "compute_steps": None})  # fmt: skip
-    hand_out = pipe(prompt=EVAL, seed=7, feature_cache=AdaTaylorCache(params=hand, num_inference_steps=STEPS,
+    hand_out = pipe(prompt=EVAL, seed=7, cache=AdaTaylorCache(params=hand, num_inference_steps=STEPS,
                                                                       sigmas=sigmas), **common)  # fmt: skip
     hand_passes = sum(hand_out.total_stack_passes().values())
     assert abs(hand_passes - passes) <= 0.1 * passes, "compare at (nearly) the same speed"

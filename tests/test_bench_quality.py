@@ -95,7 +95,7 @@ def test_sampling_loop_matches_the_pipeline(model_dir):
         torch.testing.assert_close(frames_u[i : i + 1], ref, atol=2e-5, rtol=0)
         fresh = quality.ada_caches(work, params, 1, 2)
         feature_cache = fresh if len(fresh) > 1 else fresh["transformer"]
-        ref_c = work.pipeline(prompt, feature_cache=feature_cache, **common).frames
+        ref_c = work.pipeline(prompt, cache=feature_cache, **common).frames
         torch.testing.assert_close(frames_c[i : i + 1], ref_c, atol=2e-5, rtol=0)
 
 

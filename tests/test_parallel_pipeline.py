@@ -22,7 +22,7 @@ import torch
 from conftest import TinyPromptEncoder, tiny_wan
 
 from ditcache.cache.ada_taylor import AdaTaylorCache
-from ditcache.cache.base import NoCache
+from ditcache.cache.none import NoCache
 from ditcache.errors import CacheConfigError, StepSyncError
 from ditcache.parallel import ParallelGroups, init_parallel
 from ditcache.parallel.testing import free_port, run_ranks, values_or_raise
@@ -127,7 +127,7 @@ CASES = {
 def _run_case(name: str, cache: str, parallel: ParallelGroups | None) -> dict[str, Any]:
     pipe, call = CASES[name][0](parallel)  # the calls turn the params cache off: "none" is NoCache
     if cache == "ada_taylor":
-        call["feature_cache"] = (
+        call["cache"] = (
             {"transformer": skipping_cache(), "transformer_2": skipping_cache(SWITCH)} if name == "wan22"
             else skipping_cache()
         )
@@ -205,7 +205,7 @@ def _layout_job(rank: int, world: int, cfg_degree: int, sp_degree: int, names: l
         pipe, call = _wan(groups, False)
         try:
             with torch.no_grad():
-                pipe(progress=False, **{**call, "feature_cache": RankDependentCache(groups.rank)})
+                pipe(progress=False, **{**call, "cache": RankDependentCache(groups.rank)})
         except StepSyncError as exc:
             result["step_sync_error"] = str(exc)
     return result
@@ -357,9 +357,9 @@ def _reference_runs(parallel: ParallelGroups | None) -> dict[tuple[str, str], to
                 switch = pipe._experts_per_step(flow_match_schedule(STEPS, pipe.settings.default_shift)).count(
                     "transformer"
                 )
-                call["feature_cache"] = {"transformer": skipping_cache(), "transformer_2": skipping_cache(switch)}
+                call["cache"] = {"transformer": skipping_cache(), "transformer_2": skipping_cache(switch)}
             else:
-                call["feature_cache"] = skipping_cache()
+                call["cache"] = skipping_cache()
             with torch.no_grad():
                 frames[(model.name, cache)] = pipe(**call).frames
     return frames

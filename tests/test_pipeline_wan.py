@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from ditcache.cache.ada_taylor import AdaTaylorCache
-from ditcache.cache.base import BaseFeatureCache, NoCache
+from ditcache.cache.base import BaseFeatureCache
+from ditcache.cache.none import NoCache
 from ditcache.cache.calibrator import Calibrator
-from ditcache.errors import ParamsError, StepSyncError, UnknownModelError
+from ditcache.errors import CacheConfigError, ParamsError, StepSyncError, UnknownModelError
 from ditcache.runtime.loading import ModelSettings, load_model_dir
 from ditcache.runtime.pipeline import Wan22Pipeline, WanPipeline, load_pipeline, pipeline_for
 
@@ -100,7 +101,7 @@ def run(pipe, **kw):
 
 def test_block_passes_equal_planned_compute_steps(pipe):
     cache = ada_taylor()
-    out = run(pipe, feature_cache=cache)
+    out = run(pipe, cache=cache)
     for is_cond, name in ((True, "cond"), (False, "uncond")):
         planned = cache.planned_compute_steps(is_cond)
         assert len(planned) < STEPS  # the plan does skip
@@ -115,20 +116,20 @@ def test_block_passes_equal_planned_compute_steps(pipe):
 
 def test_every_step_computed_equals_uncached_exactly(pipe):
     uncached = run(pipe)
-    cached = run(pipe, feature_cache=FixedScheduleCache(range(STEPS)))
+    cached = run(pipe, cache=FixedScheduleCache(range(STEPS)))
     assert torch.equal(uncached.frames, cached.frames)
-    skipping = run(pipe, feature_cache=FixedScheduleCache([0, 1, 4, STEPS - 1]))
+    skipping = run(pipe, cache=FixedScheduleCache([0, 1, 4, STEPS - 1]))
     assert not torch.equal(uncached.frames, skipping.frames)
     assert skipping.total_stack_passes() == {"cond": 4, "uncond": 4}
 
 
 def test_back_to_back_requests_match_fresh_runs(pipe, make_tiny_wan, prompt_encoder):
     cache = ada_taylor()
-    first = run(pipe, feature_cache=cache, seed=3)
-    run(pipe, feature_cache=cache, seed=9, prompt="something else", num_inference_steps=STEPS)
-    again = run(pipe, feature_cache=cache, seed=3)
+    first = run(pipe, cache=cache, seed=3)
+    run(pipe, cache=cache, seed=9, prompt="something else", num_inference_steps=STEPS)
+    again = run(pipe, cache=cache, seed=3)
     fresh_pipe = WanPipeline({"transformer": make_tiny_wan()}, prompt_encoder, SETTINGS)
-    fresh = run(fresh_pipe, feature_cache=ada_taylor(), seed=3)
+    fresh = run(fresh_pipe, cache=ada_taylor(), seed=3)
     assert torch.equal(first.frames, again.frames)
     assert torch.equal(first.frames, fresh.frames)
     assert again.cache_stats == first.cache_stats
@@ -138,7 +139,7 @@ def test_back_to_back_requests_match_fresh_runs(pipe, make_tiny_wan, prompt_enco
 def test_guidance_off_runs_no_uncond_pass(pipe):
     calls = []
     hook = pipe._model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
-    out = run(pipe, guidance_scale=1.0, feature_cache=NoCache())
+    out = run(pipe, guidance_scale=1.0, cache=NoCache())
     hook.remove()
     assert len(calls) == STEPS
     assert out.stack_passes == {"transformer": {"cond": STEPS}}
@@ -170,7 +171,7 @@ def test_wan22_low_noise_cache_forces_compute_at_the_switch(pipe22):
     # Without init_step this schedule would skip the switch step (step 4 is mid-run).
     assert SWITCH not in ada_taylor().planned_compute_steps(True)
     caches = {"transformer": ada_taylor(), "transformer_2": ada_taylor(init_step=SWITCH)}
-    out = run(pipe22, feature_cache=caches)
+    out = run(pipe22, cache=caches)
     low = out.cache_stats["transformer_2"]
     high = out.cache_stats["transformer"]
     for name, is_cond in (("cond", True), ("uncond", False)):
@@ -223,7 +224,7 @@ def test_wan22_enable_ada_taylor_builds_one_cache_per_expert(pipe22, tiny_params
 
 def test_wan22_shared_calibrator_gives_one_curve_of_n_entries(pipe22, tmp_path):
     calibrator = Calibrator(num_inference_steps=STEPS, sigma_shift=1.0, model_name="tiny-moe")
-    out = run(pipe22, calibrator=calibrator)
+    out = run(pipe22, cache=calibrator)
     assert out.stack_passes == {
         "transformer": {"cond": SWITCH, "uncond": SWITCH},
         "transformer_2": {"cond": STEPS - SWITCH, "uncond": STEPS - SWITCH},
@@ -238,7 +239,7 @@ def test_wan22_shared_calibrator_gives_one_curve_of_n_entries(pipe22, tmp_path):
 def test_wan22_cache_counting_from_zero_is_a_step_sync_error(pipe22):
     caches = {"transformer": FixedScheduleCache(range(STEPS)), "transformer_2": FixedScheduleCache(range(STEPS))}
     with pytest.raises(StepSyncError, match="init_step"):
-        run(pipe22, feature_cache=caches)
+        run(pipe22, cache=caches)
 
 
 def test_bad_requests_raise_clear_errors(pipe, pipe22):
@@ -250,16 +251,20 @@ def test_bad_requests_raise_clear_errors(pipe, pipe22):
         run(pipe, negative_prompt=["x", "y", "z"])
     with pytest.raises(ParamsError, match="non-empty list"):
         run(pipe, prompt=[])
-    with pytest.raises(ParamsError, match="needs model_type"):
+    with pytest.raises(CacheConfigError, match="needs model_type"):
         run(pipe, enable_ada_taylor_cache=True)
     with pytest.raises(UnknownModelError, match="No-Such-Model"):
         run(pipe, enable_ada_taylor_cache=True, model_type="No-Such-Model")
-    with pytest.raises(ParamsError, match="either feature_cache= or calibrator="):
-        run(pipe, feature_cache=NoCache(), calibrator=Calibrator(num_inference_steps=STEPS))
-    with pytest.raises(ParamsError, match="built for 5 steps"):
-        run(pipe, calibrator=Calibrator(num_inference_steps=5))
-    with pytest.raises(ParamsError, match="two experts"):
-        run(pipe22, feature_cache=NoCache())
+    with pytest.raises(CacheConfigError, match="either cache= or enable_ada_taylor_cache"):
+        run(pipe, cache=NoCache(), enable_ada_taylor_cache=True)
+    with pytest.raises(CacheConfigError, match="built for 5 steps"):
+        run(pipe, cache=Calibrator(num_inference_steps=5))
+    with pytest.raises(CacheConfigError, match="residual must not cross the switch"):
+        run(pipe22, cache=NoCache())
+    with pytest.raises(CacheConfigError, match="unknown cache 'no-such'; known caches: .*ada_taylor"):
+        run(pipe, cache="no-such")
+    with pytest.raises(CacheConfigError, match="cache must be a cache config"):
+        run(pipe, cache=3)
     with pytest.raises(UnknownModelError, match="no adapter for transformer class Linear"):
         WanPipeline({"transformer": torch.nn.Linear(2, 2)}, pipe.text_encoder, SETTINGS)
 
@@ -308,7 +313,7 @@ def test_vae_model_dir_loads_and_generates_video(tmp_path, make_tiny_wan):
     assert loaded.settings.latent_space == "vae" and loaded.settings.default_shift == 3.0
     pipe = pipeline_for(loaded)
     assert type(pipe) is WanPipeline
-    out = run(pipe, prompt="a cat", feature_cache=NoCache())
+    out = run(pipe, prompt="a cat", cache=NoCache())
     assert out.frames.shape == (1, 3, 3, 8, 8)  # 2 latent frames -> 3 video frames, RGB
     half = load_model_dir(tmp_path, dtype=torch.bfloat16).transformers["transformer"]
     assert half.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16

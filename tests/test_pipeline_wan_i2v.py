@@ -147,7 +147,7 @@ def test_tensor_image_gives_the_pil_images_condition(parts):
 
 def test_ada_taylor_block_passes_equal_planned_compute_steps(parts):
     cache = ada_taylor()
-    out = run(wan_pipe(parts), image=picture(1), feature_cache=cache)
+    out = run(wan_pipe(parts), image=picture(1), cache=cache)
     for is_cond, name in ((True, "cond"), (False, "uncond")):
         planned = cache.planned_compute_steps(is_cond)
         assert len(planned) < STEPS
@@ -217,7 +217,7 @@ def test_wan22_i2v_two_experts_without_image_encoder(parts, make_tiny_wan):
     switch = 3  # shift 1, 6 steps: timesteps 1000, 833, 667, 500, ... -> 0.6 boundary at step 3
     caches = {"transformer": ada_taylor(), "transformer_2": ada_taylor(init_step=switch)}
     seen, hook = _capture_model_inputs(experts["transformer_2"])
-    out = run(pipe, image=picture(1), last_image=picture(2), feature_cache=caches)
+    out = run(pipe, image=picture(1), last_image=picture(2), cache=caches)
     hook.remove()
     assert out.expert_steps == {"transformer": [0, 1, 2], "transformer_2": [3, 4, 5]}
     for expert, cache in caches.items():
@@ -231,7 +231,7 @@ def test_wan22_i2v_two_experts_without_image_encoder(parts, make_tiny_wan):
     assert seen and seen[0].shape[1] == IN_CHANNELS and (seen[0][:, Z, 0] == 1).all()
     assert out.frames.shape == (2, 3, FRAMES, H, W) and torch.isfinite(out.frames).all()
     with pytest.raises(ParamsError, match="pass image="):
-        run(pipe, feature_cache={"transformer": ada_taylor(), "transformer_2": ada_taylor(init_step=switch)})
+        run(pipe, cache={"transformer": ada_taylor(), "transformer_2": ada_taylor(init_step=switch)})
 
 
 def test_model_dir_with_image_encoder_loads_as_i2v(tmp_path, make_tiny_wan, parts):

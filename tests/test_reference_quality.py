@@ -8,6 +8,7 @@ thread): base order 1 37.9 dB vs order 0 34.1 dB at the same 44/100 block passes
 import pytest
 import torch
 
+from ditcache.cache import AdaTaylorConfig
 from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE
 from ditcache.params import load_params
 from ditcache.runtime.pipeline import load_pipeline
@@ -32,8 +33,8 @@ def test_cached_samples_stay_close_to_uncached_and_readable(model_dir, floor, cl
     torch.set_num_threads(1)
     pipe = load_pipeline(model_dir)
     reference = pipe(prompt=PROMPTS, seed=7, enable_ada_taylor_cache=False, progress=False)
-    order1 = pipe(prompt=PROMPTS, seed=7, ada_taylor_n_derivatives=1, progress=False)
-    order0 = pipe(prompt=PROMPTS, seed=7, ada_taylor_n_derivatives=0, progress=False)
+    order1 = pipe(prompt=PROMPTS, seed=7, cache=AdaTaylorConfig(n_derivatives=1), progress=False)
+    order0 = pipe(prompt=PROMPTS, seed=7, cache=AdaTaylorConfig(n_derivatives=0), progress=False)
     passes = order1.total_stack_passes()
     assert sum(passes.values()) <= 0.5 * 100, "the shipped params must skip at least half the block passes"
     p1, p0 = psnr(order1.frames, reference.frames), psnr(order0.frames, reference.frames)

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from ditcache.cache.base import BaseFeatureCache, NoCache
+from ditcache.cache.base import BaseFeatureCache
+from ditcache.cache.none import NoCache
 from ditcache.errors import StepSyncError
 from ditcache.parallel import CfgParallel, ParallelGroups, StepSync, SyncedCache, init_parallel
 from ditcache.parallel.testing import run_ranks, values_or_raise

@@ -32,7 +32,7 @@ def test_telemetry_matches_hook_counts_and_the_plan(pipe):
     calls, handle = count_block_calls(pipe)
     try:
         out = pipe(prompt=["a handwritten 3", "a handwritten 8"], num_inference_steps=STEPS, sigma_shift=SHIFT,
-                   guidance_scale=4.0, seed=5, progress=False)  # fmt: skip
+                   guidance_scale=4.0, seed=5, cache="ada_taylor", progress=False)  # fmt: skip
     finally:
         handle.remove()
     tel = out.telemetry()
@@ -75,7 +75,8 @@ def test_enabled_cache_that_skips_nothing_warns(pipe, tmp_path, monkeypatch):
     (tmp_path / "Never-Skips.json").write_text(json.dumps({**data, "thresh": 0.0, "model_type": "Never-Skips"}))
     monkeypatch.setenv("DITCACHE_PARAMS_DIR", str(tmp_path))
     with pytest.warns(UserWarning, match="skipped no step"):
-        out = pipe(prompt="a handwritten 2", num_inference_steps=10, model_type="Never-Skips", progress=False)
+        out = pipe(prompt="a handwritten 2", num_inference_steps=10, model_type="Never-Skips", cache="ada_taylor",
+                   progress=False)
     assert out.telemetry()["branches"]["cond"]["block_passes_saved"] == 0
 
 
@@ -85,8 +86,8 @@ def test_a_calibrator_passed_to_the_pipeline_records_the_run_sigmas(pipe):
     from ditcache.params import params_from_dict
 
     cal = create_feature_cache("calibrator", num_inference_steps=10, sigma_shift=SHIFT, model_name="m")
-    pipe(prompt="a handwritten 4", num_inference_steps=10, sigma_shift=SHIFT, calibrator=cal, progress=False)
+    pipe(prompt="a handwritten 4", num_inference_steps=10, sigma_shift=SHIFT, cache=cal, progress=False)
     assert cal.sigmas == pytest.approx(flow_match_schedule(10, SHIFT).sigmas[:-1].tolist())
     assert params_from_dict(cal.result()).sigmas is not None
     with pytest.raises(CacheConfigError, match="different sigma"):
-        pipe(prompt="a handwritten 4", num_inference_steps=10, sigma_shift=3.0, calibrator=cal, progress=False)
+        pipe(prompt="a handwritten 4", num_inference_steps=10, sigma_shift=3.0, cache=cal, progress=False)

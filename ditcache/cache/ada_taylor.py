@@ -17,12 +17,15 @@ most of their bits.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
-from ditcache.cache.base import BaseFeatureCache, BranchStats, branch_name
+from ditcache.cache.base import BaseFeatureCache, BranchStats
+from ditcache.cache.context import StepArg, branch_name, branch_of
+from ditcache.cache.registry import CacheConfig, register_cache
 from ditcache.cache.schedule import (
     compute_skip_schedule,
     resample_by_sigma,
@@ -31,6 +34,13 @@ from ditcache.cache.schedule import (
 )
 from ditcache.errors import CacheConfigError, CacheStateError
 from ditcache.params import CacheParams, load_params, params_from_dict
+
+
+def _check_order(n_derivatives: int, taylor_threshold: int) -> None:
+    if isinstance(n_derivatives, bool) or not isinstance(n_derivatives, int) or n_derivatives < 0:
+        raise CacheConfigError(f"n_derivatives must be an integer >= 0, got {n_derivatives!r}")
+    if isinstance(taylor_threshold, bool) or not isinstance(taylor_threshold, int) or taylor_threshold < 1:
+        raise CacheConfigError(f"taylor_threshold must be an integer >= 1, got {taylor_threshold!r}")
 
 
 @dataclass
@@ -73,6 +83,8 @@ class AdaTaylorCache(BaseFeatureCache):
             instead of a params file (all five are needed).
     """
 
+    uses_step_context = True
+
     def __init__(
         self,
         model_type: str | None = None,
@@ -96,10 +108,7 @@ class AdaTaylorCache(BaseFeatureCache):
         )
         if num_inference_steps is None:
             num_inference_steps = self.params.default_steps or self.params.num_inference_steps
-        if isinstance(n_derivatives, bool) or not isinstance(n_derivatives, int) or n_derivatives < 0:
-            raise CacheConfigError(f"n_derivatives must be an integer >= 0, got {n_derivatives!r}")
-        if isinstance(taylor_threshold, bool) or not isinstance(taylor_threshold, int) or taylor_threshold < 1:
-            raise CacheConfigError(f"taylor_threshold must be an integer >= 1, got {taylor_threshold!r}")
+        _check_order(n_derivatives, taylor_threshold)
         self.num_inference_steps = num_inference_steps
         self.n_derivatives = n_derivatives
         self.taylor_threshold = taylor_threshold
@@ -197,7 +206,8 @@ class AdaTaylorCache(BaseFeatureCache):
             for is_cond in (True, False)
         }
 
-    def should_compute(self, is_cond: bool) -> bool:
+    def should_compute(self, ctx: StepArg) -> bool:
+        is_cond = branch_of(ctx)
         state = self._branches[bool(is_cond)]
         if state.step + 1 >= self.num_inference_steps:
             raise CacheStateError(
@@ -210,7 +220,8 @@ class AdaTaylorCache(BaseFeatureCache):
         (state.stats.computed_steps if compute else state.stats.skipped_steps).append(state.step)
         return compute
 
-    def update(self, output: torch.Tensor, ori_input: torch.Tensor, is_cond: bool) -> None:
+    def update(self, output: torch.Tensor, ori_input: torch.Tensor, ctx: StepArg) -> None:
+        is_cond = branch_of(ctx)
         state = self._branches[bool(is_cond)]
         if state.step < self.init_step:
             raise CacheStateError("update() called before should_compute() for this request")
@@ -222,7 +233,8 @@ class AdaTaylorCache(BaseFeatureCache):
         state.differences = differences
         state.support = [state.step, *state.support][: self.n_derivatives + 1]
 
-    def approximate(self, input: torch.Tensor, is_cond: bool) -> torch.Tensor:
+    def approximate(self, input: torch.Tensor, ctx: StepArg) -> torch.Tensor:
+        is_cond = branch_of(ctx)
         state = self._branches[bool(is_cond)]
         if not state.support:
             raise CacheStateError(
@@ -244,8 +256,8 @@ class AdaTaylorCache(BaseFeatureCache):
 
     # -- telemetry --------------------------------------------------------------------------------
 
-    def current_step(self, is_cond: bool) -> int:
-        return self._branches[bool(is_cond)].step
+    def current_step(self, is_cond: StepArg) -> int:
+        return self._branches[branch_of(is_cond)].step
 
     def stats(self) -> dict[str, dict]:
         """Per branch that ran: what it did, next to what was planned (they differ only on misuse)."""
@@ -262,3 +274,50 @@ class AdaTaylorCache(BaseFeatureCache):
 
     def memory_bytes(self) -> int:
         return sum(d.numel() * d.element_size() for s in self._branches.values() for d in s.differences)
+
+
+@register_cache
+@dataclass(frozen=True)
+class AdaTaylorConfig(CacheConfig):
+    """AdaTaylorCache's settings ("ada_taylor"); see :class:`AdaTaylorCache` for each field.
+
+    The params come from ``model_type`` (a shipped or user params file), ``params``, or the five
+    explicit curve/settings fields. With none of them, a pipeline fills in its model's
+    ``model_type`` (:meth:`for_model`).
+    """
+
+    name: ClassVar[str] = "ada_taylor"
+    cache_class: ClassVar[type[BaseFeatureCache]] = AdaTaylorCache
+
+    model_type: str | None = None
+    n_derivatives: int = 1
+    taylor_threshold: int = 2
+    params_dir: str | None = None
+    resample: str = "auto"
+    params: CacheParams | None = None
+    cond_mag_ratios: tuple[float, ...] | None = None
+    uncond_mag_ratios: tuple[float, ...] | None = None
+    K: int | None = None
+    thresh: float | None = None
+    retention_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_order(self.n_derivatives, self.taylor_threshold)
+        for name in ("cond_mag_ratios", "uncond_mag_ratios"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    def has_params_source(self) -> bool:
+        explicit = (self.cond_mag_ratios, self.uncond_mag_ratios, self.K, self.thresh, self.retention_ratio)
+        return self.model_type is not None or self.params is not None or any(v is not None for v in explicit)
+
+    def for_model(self, model_type: str | None) -> AdaTaylorConfig:
+        if self.has_params_source():
+            return self
+        if model_type is None:
+            raise CacheConfigError(
+                "ada_taylor needs model_type= (a params file, see `ditcache list`) or explicit params; "
+                "this model directory names no model_type"
+            )
+        return dataclasses.replace(self, model_type=model_type)

@@ -3,15 +3,16 @@
 A feature cache sits around the transformer block stack only (embeddings and head always run)::
 
     ori_x = x
-    if cache.should_compute(is_cond):
+    if cache.should_compute(ctx):
         x = blocks(x, ...)
-        cache.update(x, ori_x, is_cond)
+        cache.update(x, ori_x, ctx)
     else:
-        x = cache.approximate(x, is_cond)
+        x = cache.approximate(x, ctx)
 
 ``should_compute`` advances the branch's step counter, so it is called exactly once per branch
-per denoising step. ``is_cond`` selects the branch (conditional or unconditional CFG pass); the two
-branches keep separate state because their residuals differ.
+per denoising step. ``ctx`` is the step's :class:`~ditcache.cache.context.StepContext` (or, as in
+the seed contract, just the branch flag ``is_cond``); the two branches keep separate state because
+their residuals differ.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+
+from ditcache.cache.context import StepArg
 
 
 @dataclass
@@ -42,30 +45,33 @@ class BranchStats:
         }
 
 
-def branch_name(is_cond: bool) -> str:
-    return "cond" if is_cond else "uncond"
-
-
 class BaseFeatureCache(ABC):
     """Interface of every feature cache (see module docstring for the call pattern)."""
 
+    #: A cache that may serve several experts of one request (it measures, or keeps no residual).
+    #: Others get one instance per expert, so no residual crosses an expert switch.
+    spans_experts: bool = False
+    #: Whether ``should_compute``/``update``/``approximate`` take a StepContext; False (a cache
+    #: written to the seed contract) gets the branch flag instead.
+    uses_step_context: bool = False
+
     @abstractmethod
-    def should_compute(self, is_cond: bool) -> bool:
+    def should_compute(self, ctx: StepArg) -> bool:
         """Advance this branch's step counter, then say whether the block stack must run."""
 
     @abstractmethod
-    def update(self, output: torch.Tensor, ori_input: torch.Tensor, is_cond: bool) -> None:
+    def update(self, output: torch.Tensor, ori_input: torch.Tensor, ctx: StepArg) -> None:
         """Record the block stack's real output for the step just decided as 'compute'."""
 
     @abstractmethod
-    def approximate(self, input: torch.Tensor, is_cond: bool) -> torch.Tensor:
+    def approximate(self, input: torch.Tensor, ctx: StepArg) -> torch.Tensor:
         """Return an estimate of the block stack's output for the step just decided as 'skip'."""
 
     @abstractmethod
     def reset(self) -> None:
         """Drop all state so the next request starts as if the cache were new."""
 
-    def current_step(self, is_cond: bool) -> int:
+    def current_step(self, is_cond: StepArg) -> int:
         """Index of the step last decided for this branch (-1 before the first decision)."""
         return -1
 
@@ -76,33 +82,3 @@ class BaseFeatureCache(ABC):
     def memory_bytes(self) -> int:
         """Bytes held in cached tensors right now."""
         return 0
-
-
-class NoCache(BaseFeatureCache):
-    """Computes every step; the uncached baseline. Counts steps so telemetry still works."""
-
-    def __init__(self) -> None:
-        self._stats: dict[bool, BranchStats] = {}
-        self._step: dict[bool, int] = {}
-
-    def should_compute(self, is_cond: bool) -> bool:
-        step = self._step.get(is_cond, -1) + 1
-        self._step[is_cond] = step
-        self._stats.setdefault(is_cond, BranchStats()).computed_steps.append(step)
-        return True
-
-    def update(self, output: torch.Tensor, ori_input: torch.Tensor, is_cond: bool) -> None:
-        pass
-
-    def approximate(self, input: torch.Tensor, is_cond: bool) -> torch.Tensor:
-        raise NotImplementedError("NoCache never skips; approximate() must not be called")
-
-    def reset(self) -> None:
-        self._stats.clear()
-        self._step.clear()
-
-    def current_step(self, is_cond: bool) -> int:
-        return self._step.get(is_cond, -1)
-
-    def stats(self) -> dict[str, dict]:
-        return {branch_name(c): s.as_dict() for c, s in sorted(self._stats.items(), reverse=True)}

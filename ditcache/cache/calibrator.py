@@ -11,13 +11,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from ditcache import __version__
-from ditcache.cache.base import BaseFeatureCache, BranchStats, branch_name
+from ditcache.cache.base import BaseFeatureCache, BranchStats
+from ditcache.cache.context import StepArg, branch_name, branch_of
+from ditcache.cache.registry import CacheConfig, register_cache
 from ditcache.errors import CacheConfigError, CacheStateError
 from ditcache.params.loader import SHIPPED_PARAMS_DIR, sanitize_model_name
 from ditcache.params.writer import write_params
@@ -101,6 +103,9 @@ class Calibrator(BaseFeatureCache):
     all-reduce (see ``ditcache.parallel``) before ``write()``.
     """
 
+    uses_step_context = True
+    spans_experts = True  # it measures a whole run, across an expert switch
+
     def __init__(
         self,
         num_inference_steps: int,
@@ -134,8 +139,8 @@ class Calibrator(BaseFeatureCache):
 
     # -- the contract -----------------------------------------------------------------------------
 
-    def should_compute(self, is_cond: bool) -> bool:
-        is_cond = bool(is_cond)
+    def should_compute(self, ctx: StepArg) -> bool:
+        is_cond = branch_of(ctx)
         step = self._step.get(is_cond, -1) + 1
         if step >= self.num_inference_steps:
             raise CacheStateError(
@@ -146,8 +151,8 @@ class Calibrator(BaseFeatureCache):
         self._stats.setdefault(is_cond, BranchStats()).computed_steps.append(step)
         return True
 
-    def update(self, output: torch.Tensor, ori_input: torch.Tensor, is_cond: bool) -> None:
-        is_cond = bool(is_cond)
+    def update(self, output: torch.Tensor, ori_input: torch.Tensor, ctx: StepArg) -> None:
+        is_cond = branch_of(ctx)
         step = self._step.get(is_cond, -1)
         if step < 0:
             raise CacheStateError("Calibrator.update() called before should_compute() for this request")
@@ -162,7 +167,8 @@ class Calibrator(BaseFeatureCache):
         if step == self.num_inference_steps - 1:
             self.statistics.requests[BRANCHES.index(is_cond)] += 1
 
-    def approximate(self, input: torch.Tensor, is_cond: bool) -> torch.Tensor:
+    def approximate(self, input: torch.Tensor, ctx: StepArg) -> torch.Tensor:
+        is_cond = branch_of(ctx)
         raise CacheStateError("the Calibrator computes every step; approximate() must not be called")
 
     def reset(self) -> None:
@@ -175,8 +181,8 @@ class Calibrator(BaseFeatureCache):
         self.reset()
         self.statistics = CalibrationStats(self.num_inference_steps)
 
-    def current_step(self, is_cond: bool) -> int:
-        return self._step.get(bool(is_cond), -1)
+    def current_step(self, is_cond: StepArg) -> int:
+        return self._step.get(branch_of(is_cond), -1)
 
     def stats(self) -> dict[str, dict]:
         return {branch_name(c): s.as_dict() for c, s in sorted(self._stats.items(), reverse=True)}
@@ -254,3 +260,21 @@ class Calibrator(BaseFeatureCache):
         """Write the params file atomically (see ``write_params``) and return its path."""
         target = Path(path) if path else (self.output_path or self.default_output_path())
         return write_params(self.result(), target, overwrite_shipped=overwrite_shipped)
+
+
+@register_cache
+@dataclass(frozen=True)
+class CalibratorConfig(CacheConfig):
+    """The calibrator's settings ("calibrator"); see :class:`Calibrator`. To pool several requests
+    into one curve, build it once and pass the built :class:`Calibrator` to each request."""
+
+    name: ClassVar[str] = "calibrator"
+    cache_class: ClassVar[type[BaseFeatureCache]] = Calibrator
+
+    sigma_shift: float | None = None
+    model_name: str = "custom"
+    output_path: str | None = None
+    K: int | None = None
+    thresh: float = 0.12
+    retention_ratio: float = 0.2
+    params_dir: str | None = None

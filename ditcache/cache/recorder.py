@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from ditcache.cache.base import BaseFeatureCache, BranchStats, branch_name
+from ditcache.cache.base import BaseFeatureCache, BranchStats
+from ditcache.cache.context import StepArg, branch_name, branch_of
 from ditcache.errors import CacheConfigError, CacheStateError
 
 
 class ResidualRecorder(BaseFeatureCache):
     """Records the fp32 residual of every step of every request, per branch."""
+
+    uses_step_context = True
+    spans_experts = True  # it measures a whole run, across an expert switch
 
     def __init__(self, num_inference_steps: int, max_tokens: int = 1024, seed: int = 0) -> None:
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -35,8 +39,8 @@ class ResidualRecorder(BaseFeatureCache):
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randperm(num_tokens, generator=gen)[: self.max_tokens].sort().values
 
-    def should_compute(self, is_cond: bool) -> bool:
-        is_cond = bool(is_cond)
+    def should_compute(self, ctx: StepArg) -> bool:
+        is_cond = branch_of(ctx)
         current = self._current.setdefault(is_cond, [])
         if len(current) >= self.num_inference_steps:
             raise CacheStateError(
@@ -46,7 +50,8 @@ class ResidualRecorder(BaseFeatureCache):
         self._stats.setdefault(is_cond, BranchStats()).computed_steps.append(len(current))
         return True
 
-    def update(self, output: torch.Tensor, ori_input: torch.Tensor, is_cond: bool) -> None:
+    def update(self, output: torch.Tensor, ori_input: torch.Tensor, ctx: StepArg) -> None:
+        is_cond = branch_of(ctx)
         residual = output.detach().float() - ori_input.detach().float()
         index = self._token_index(residual.shape[-2])
         if index is not None:
@@ -57,7 +62,8 @@ class ResidualRecorder(BaseFeatureCache):
             self.requests[bool(is_cond)].append(current)
             self._current[bool(is_cond)] = []
 
-    def approximate(self, input: torch.Tensor, is_cond: bool) -> torch.Tensor:
+    def approximate(self, input: torch.Tensor, ctx: StepArg) -> torch.Tensor:
+        is_cond = branch_of(ctx)
         raise CacheStateError("the ResidualRecorder computes every step; approximate() must not be called")
 
     def reset(self) -> None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ditcache.cache.base import BaseFeatureCache, branch_name
+from ditcache.cache.base import BaseFeatureCache
+from ditcache.cache.context import StepArg, StepContext, branch_name, branch_of, step_arg
 from ditcache.errors import StepSyncError
 from ditcache.parallel.groups import CollectiveError, Group, ParallelGroups
 
@@ -137,29 +138,35 @@ class SyncedCache(BaseFeatureCache):
     a different number of times are caught even if the wrapped cache tracks no steps.
     """
 
+    uses_step_context = True
+
     def __init__(self, cache: BaseFeatureCache, sync: StepSync) -> None:
         self.cache = cache
         self.sync = sync
         self._decisions: dict[bool, int] = {}
 
-    def should_compute(self, is_cond: bool) -> bool:
-        compute = bool(self.cache.should_compute(is_cond))
+    def should_compute(self, ctx: StepArg) -> bool:
+        is_cond = branch_of(ctx)
+        compute = bool(self.cache.should_compute(self._arg(ctx)))
         step = self._decisions.get(is_cond, -1) + 1
         self._decisions[is_cond] = step
         self.sync.check(is_cond, step, compute)
         return compute
 
-    def update(self, output: torch.Tensor, ori_input: torch.Tensor, is_cond: bool) -> None:
-        self.cache.update(output, ori_input, is_cond)
+    def update(self, output: torch.Tensor, ori_input: torch.Tensor, ctx: StepArg) -> None:
+        self.cache.update(output, ori_input, self._arg(ctx))
 
-    def approximate(self, input: torch.Tensor, is_cond: bool) -> torch.Tensor:
-        return self.cache.approximate(input, is_cond)
+    def approximate(self, input: torch.Tensor, ctx: StepArg) -> torch.Tensor:
+        return self.cache.approximate(input, self._arg(ctx))
+
+    def _arg(self, ctx: StepArg) -> StepArg:
+        return step_arg(self.cache, ctx) if isinstance(ctx, StepContext) else ctx
 
     def reset(self) -> None:
         self.cache.reset()
         self._decisions.clear()
 
-    def current_step(self, is_cond: bool) -> int:
+    def current_step(self, is_cond: StepArg) -> int:
         return self.cache.current_step(is_cond)
 
     def stats(self) -> dict[str, dict]:

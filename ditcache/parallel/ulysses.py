@@ -102,6 +102,11 @@ class UlyssesContext:
             )
         return shard_tokens(x, dim, self.group)[0]
 
+    def group_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks that share this sequence: a cache statistic of the local
+        shard becomes the statistic of the whole sequence, the same on every rank."""
+        return self.group.all_reduce_sum(tensor, op="sp all_reduce (cache statistic)")
+
     def local_count(self, n: int) -> int:
         """How many of the first ``n`` tokens of the full sequence lie in this rank's shard.
 

@@ -16,17 +16,22 @@ prediction moves the latents, its guidance rule); everything else is shared.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from ditcache.cache.base import BaseFeatureCache, NoCache, branch_name
+from ditcache.cache.base import BaseFeatureCache
+from ditcache.cache.context import branch_name
+from ditcache.cache.ada_taylor import AdaTaylorConfig
+from ditcache.cache.none import NoCacheConfig
+from ditcache.cache.registry import CacheConfig, cache_config
 from ditcache.cache.calibrator import Calibrator
-from ditcache.errors import ParamsError, StepSyncError
+from ditcache.errors import CacheConfigError, ParamsError, StepSyncError
 from ditcache.parallel import CfgParallel, ParallelGroups, StepSync, SyncedCache, UlyssesContext, apply_ulysses
 from ditcache.parallel.cfg import combine_guidance
 from ditcache.runtime.adapters import FamilyAdapter
@@ -144,16 +149,30 @@ def check_step(cache: BaseFeatureCache, expert: str, is_cond: bool, step: int) -
         )
 
 
-def params_cache_options(
-    enabled: bool, model_type: str | None, n_derivatives: int, taylor_threshold: int
-) -> dict[str, Any] | None:
-    """Keywords of the params-driven AdaTaylorCache (see ``DenoisingPipeline._build_caches``), or None
-    when it is not ``enabled`` (turned off, or the request brings its own cache)."""
-    if not enabled:
-        return None
-    if model_type is None:
-        raise ParamsError("enable_ada_taylor_cache needs model_type= (no params model_type in the model directory)")
-    return dict(model_type=model_type, n_derivatives=n_derivatives, taylor_threshold=taylor_threshold)
+CacheArg = Union[str, CacheConfig, BaseFeatureCache, Mapping[str, BaseFeatureCache], None]
+
+
+def cache_from_arguments(
+    cache: CacheArg,
+    enable_ada_taylor_cache: bool,
+    ada_taylor_n_derivatives: int,
+    ada_taylor_taylor_threshold: int,
+    model_type: str | None,
+) -> CacheArg:
+    """The request's ``cache=``, or the AdaTaylorConfig the seed keywords describe.
+
+    ``enable_ada_taylor_cache=True, ada_taylor_n_derivatives=..., model_type=...`` is the seed
+    document's spelling of ``cache=AdaTaylorConfig(...)``; giving both is ambiguous, so an error.
+    """
+    if not enable_ada_taylor_cache:
+        if model_type is not None and isinstance(cache, AdaTaylorConfig):
+            return dataclasses.replace(cache, model_type=model_type)
+        return cache
+    if cache is not None:
+        raise CacheConfigError("pass either cache= or enable_ada_taylor_cache=True (its seed-API alias), not both")
+    return AdaTaylorConfig(
+        model_type=model_type, n_derivatives=ada_taylor_n_derivatives, taylor_threshold=ada_taylor_taylor_threshold
+    )
 
 
 def _identity(prediction: torch.Tensor) -> torch.Tensor:
@@ -223,26 +242,30 @@ class DenoisingPipeline:
         guidance_scale: float,
         branch_inputs: dict[bool, dict[str, Any]],
         *,
-        feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache] | None,
-        calibrator: BaseFeatureCache | None,
-        ada_taylor: dict[str, Any] | None,
+        cache: CacheArg,
+        model_type: str | None,
         **drive: Any,
     ) -> DenoiseRequest:
         """A request with its caches ready (one per expert that runs; reset; synced across ranks).
 
-        Cache precedence: ``calibrator`` (one object for every expert, so its curve spans an expert
-        switch), ``feature_cache``, an AdaTaylorCache per expert from ``ada_taylor`` (keywords of
-        ``create_feature_cache``; each expert's cache counts from its first step), else NoCache.
-        ``drive`` are the remaining :class:`DenoiseRequest` fields (how the family's model is driven).
+        ``cache`` is a registered cache's name (its default config), a config (built here for this request: one cache per expert, each counting from
+        the expert's first step, or one for all experts when the cache measures a whole run), a
+        built cache (shared by every expert only if it ``spans_experts``), a mapping expert -> built
+        cache, or None (compute every step). ``model_type`` fills a params-driven config that names
+        no params. ``drive`` are the remaining :class:`DenoiseRequest` fields.
         """
-        caches = self._resolve_caches(experts, schedule, feature_cache, calibrator, ada_taylor)
+        if isinstance(cache, str):
+            cache = cache_config(cache)
+        if isinstance(cache, CacheConfig):
+            cache = cache.for_model(model_type)
+        caches = self._resolve_caches(experts, schedule, cache)
         return DenoiseRequest(
             schedule=schedule,
             experts=experts,
             caches=self._ready(caches),
             guidance_scale=guidance_scale,
             branch_inputs=branch_inputs,
-            params_cache=ada_taylor is not None,
+            params_cache=isinstance(cache, AdaTaylorConfig),
             **drive,
         )
 
@@ -262,50 +285,45 @@ class DenoisingPipeline:
         return {name: started[id(cache)] for name, cache in caches.items()}
 
     def _resolve_caches(
-        self,
-        experts: list[str],
-        schedule: FlowMatchSchedule,
-        feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache] | None,
-        calibrator: BaseFeatureCache | None,
-        ada_taylor: dict[str, Any] | None,
+        self, experts: list[str], schedule: FlowMatchSchedule, cache: CacheArg
     ) -> dict[str, BaseFeatureCache]:
         num_steps = schedule.num_steps
         used = list(dict.fromkeys(experts))
-        if calibrator is not None:
-            if feature_cache is not None:
-                raise ParamsError("pass either feature_cache= or calibrator=, not both")
-            calibrated_steps = getattr(calibrator, "num_inference_steps", num_steps)
-            if calibrated_steps != num_steps:
-                raise ParamsError(
-                    f"the calibrator was built for {calibrated_steps} steps but the request has {num_steps}"
-                )
-            if isinstance(calibrator, Calibrator):
-                calibrator.observe_sigmas(schedule.sigmas[:-1].tolist())
-            return {name: calibrator for name in used}
-        if feature_cache is not None:
-            return self._user_caches(feature_cache, used)
-        if ada_taylor is None:
-            # NoCache has no residual to carry across an expert switch, so one counter spans all experts.
-            no_cache = NoCache()
-            return {name: no_cache for name in used}
-        from ditcache.cache.factory import create_feature_cache
-
-        # The run's sigmas let the cache resample a curve by noise level rather than by step index.
+        # The run's sigmas let a cache resample a curve by noise level rather than by step index.
         sigmas = schedule.sigmas[:-1].tolist()
-        return {
-            name: create_feature_cache(
-                "ada_taylor", num_inference_steps=num_steps, init_step=experts.index(name), sigmas=sigmas, **ada_taylor
+        config = NoCacheConfig() if cache is None else cache
+        if isinstance(config, CacheConfig):
+            if config.spans_experts:
+                shared = config.build(num_steps, sigmas, 0)
+                return {name: shared for name in used}
+            return {name: config.build(num_steps, sigmas, experts.index(name)) for name in used}
+        if isinstance(config, Mapping):
+            return self._expert_caches(config, used)
+        if not isinstance(config, BaseFeatureCache):
+            raise CacheConfigError(
+                f"cache must be a cache config (see ditcache.cache_config), a built cache, a mapping expert -> "
+                f"cache, or None; got {type(config).__name__}"
             )
-            for name in used
-        }
+        calibrated_steps = getattr(config, "num_inference_steps", num_steps)
+        if calibrated_steps != num_steps:
+            raise CacheConfigError(f"the cache was built for {calibrated_steps} steps but the request has {num_steps}")
+        if len(used) > 1 and not config.spans_experts:
+            raise CacheConfigError(
+                f"this request runs the experts {used} and a residual must not cross the switch: pass a cache "
+                "config (built once per expert), or a mapping expert -> cache, each counting from its first step"
+            )
+        if isinstance(config, Calibrator):
+            config.observe_sigmas(sigmas)
+        return {name: config for name in used}
 
-    def _user_caches(
-        self, feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache], used: list[str]
-    ) -> dict[str, BaseFeatureCache]:
-        """One user cache for every expert (a family with several experts overrides this)."""
-        if isinstance(feature_cache, BaseFeatureCache):
-            return {name: feature_cache for name in used}
-        raise ParamsError(f"feature_cache must be a BaseFeatureCache, got {type(feature_cache).__name__}")
+    def _expert_caches(self, caches: Mapping[str, BaseFeatureCache], used: list[str]) -> dict[str, BaseFeatureCache]:
+        """One built cache per expert that runs, each its own object."""
+        missing = [name for name in used if name not in caches]
+        if missing:
+            raise CacheConfigError(f"cache= has no cache for the experts {missing} that this request runs")
+        if len({id(caches[name]) for name in used}) != len(used):
+            raise CacheConfigError("each expert needs its own cache object in the mapping")
+        return {name: caches[name] for name in used}
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -322,7 +340,15 @@ class DenoisingPipeline:
             predictions = {}
             for is_cond in cfg.branches:
                 prediction = adapter(
-                    model_input, timestep, is_cond=is_cond, cache=cache, sp=self.sp, **request.branch_inputs[is_cond]
+                    model_input,
+                    timestep,
+                    is_cond=is_cond,
+                    cache=cache,
+                    sp=self.sp,
+                    step=step,
+                    sigma=float(schedule.sigmas[step]),
+                    expert=expert,
+                    **request.branch_inputs[is_cond],
                 )
                 check_step(cache, expert, is_cond, step)
                 predictions[is_cond] = request.prediction(prediction.float())

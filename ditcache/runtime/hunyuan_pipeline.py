@@ -29,7 +29,8 @@ from ditcache.runtime.adapters.hunyuan_video import HunyuanVideoAdapter
 from ditcache.runtime.denoise import (
     DenoisingPipeline,
     GenerationOutput,
-    params_cache_options,
+    CacheArg,
+    cache_from_arguments,
 )
 from ditcache.runtime.loading import part_spec
 from ditcache.runtime.pipeline_common import check_output, conditioning, load_transformer_and_vae, scheduler_config
@@ -239,13 +240,12 @@ class HunyuanVideoPipeline(DenoisingPipeline):
         height: int = 720,
         width: int = 1280,
         num_frames: int = 129,
-        enable_ada_taylor_cache: bool = True,
+        cache: CacheArg = None,
+        enable_ada_taylor_cache: bool = False,
         ada_taylor_n_derivatives: int = 1,
         ada_taylor_taylor_threshold: int = 2,
         model_type: str | None = None,
-        feature_cache: BaseFeatureCache | None = None,
         *,
-        calibrator: BaseFeatureCache | None = None,
         embedded_guidance_scale: float = 6.0,
         prompt_embeds: HunyuanPromptEmbeds | None = None,
         negative_prompt_embeds: HunyuanPromptEmbeds | None = None,
@@ -258,10 +258,9 @@ class HunyuanVideoPipeline(DenoisingPipeline):
 
         ``guidance_scale`` is real CFG: it runs the unconditional branch only with a negative prompt
         (or ``negative_prompt_embeds``) and a scale > 1. ``embedded_guidance_scale`` feeds the
-        guidance embedding of distilled checkpoints (ignored by others). The cache is
-        ``calibrator`` (measures, never skips), else ``feature_cache`` if given, else an
-        AdaTaylorCache from ``model_type``'s params (default HunyuanVideo-T2V / -I2V) when
-        ``enable_ada_taylor_cache``, else none; it is reset first.
+        guidance embedding of distilled checkpoints (ignored by others). ``cache`` is a cache
+        config, a built cache or None (every step computes); a params-driven config without params
+        takes ``model_type`` (default HunyuanVideo-T2V / -I2V).
         ``output_type="latent"`` returns the latents in ``frames`` (no VAE needed).
         """
         start = time.perf_counter()
@@ -286,12 +285,10 @@ class HunyuanVideoPipeline(DenoisingPipeline):
                 raise ParamsError(f"{uncond.embeds.shape[0]} negative conditionings for {batch} prompts")
 
         schedule = flow_match_schedule(num_inference_steps, self.default_shift if sigma_shift is None else sigma_shift)
-        ada_taylor = params_cache_options(
-            enable_ada_taylor_cache and calibrator is None and feature_cache is None,
-            model_type or ("HunyuanVideo-I2V" if self.image_condition_type else "HunyuanVideo-T2V"),
-            ada_taylor_n_derivatives,
-            ada_taylor_taylor_threshold,
+        cache = cache_from_arguments(
+            cache, enable_ada_taylor_cache, ada_taylor_n_derivatives, ada_taylor_taylor_threshold, model_type
         )
+        default_model_type = model_type or ("HunyuanVideo-I2V" if self.image_condition_type else "HunyuanVideo-T2V")
 
         device, dtype = model.device, model.dtype
         frames, h, w = self._latent_grid(height, width, num_frames)
@@ -344,9 +341,8 @@ class HunyuanVideoPipeline(DenoisingPipeline):
             [EXPERT] * schedule.num_steps,
             guidance_scale,
             {is_cond: text_inputs(text) for is_cond, text in texts.items()},
-            feature_cache=feature_cache,
-            calibrator=calibrator,
-            ada_taylor=ada_taylor,
+            cache=cache,
+            model_type=default_model_type,
             model_input=model_input,
             timestep=lambda step: schedule.timesteps[step].to(device).expand(batch),
             integrate=integrate,

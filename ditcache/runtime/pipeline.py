@@ -34,7 +34,8 @@ from ditcache.runtime.denoise import (
     DenoisingPipeline,
     GenerationOutput,
     as_prompt_list,
-    params_cache_options,
+    CacheArg,
+    cache_from_arguments,
 )
 from ditcache.runtime.loading import LoadedModel, ModelSettings, load_model_dir
 from ditcache.runtime.scheduler import FlowMatchSchedule, flow_match_schedule
@@ -265,22 +266,22 @@ class WanPipeline(DenoisingPipeline):
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
-        enable_ada_taylor_cache: bool = True,
+        cache: CacheArg = None,
+        enable_ada_taylor_cache: bool = False,
         ada_taylor_n_derivatives: int = 1,
         ada_taylor_taylor_threshold: int = 2,
         model_type: str | None = None,
-        feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache] | None = None,
-        calibrator: BaseFeatureCache | None = None,
         progress: bool = True,
         image: Any | None = None,
         last_image: Any | None = None,
     ) -> GenerationOutput:
         """Generate one sample per prompt.
 
-        Unset sampling arguments take the model directory's defaults. The cache is, in order of
-        precedence: ``calibrator`` (measures, never skips; shared by all experts), ``feature_cache``
-        (any BaseFeatureCache), an AdaTaylorCache built from ``model_type``'s params when
-        ``enable_ada_taylor_cache``, else none. ``guidance_scale <= 1`` runs no unconditional pass.
+        Unset sampling arguments take the model directory's defaults. ``cache`` is a cache config
+        (``AdaTaylorConfig()`` takes the model's params), a built cache (a ``Calibrator`` measures
+        and is shared by all experts), a mapping expert -> cache, or None: every step computes. The
+        seed keywords ``enable_ada_taylor_cache=True, ada_taylor_n_derivatives=..., model_type=...``
+        build an ``AdaTaylorConfig``. ``guidance_scale <= 1`` runs no unconditional pass.
 
         An image-conditioned checkpoint needs ``image`` (the first frame: a PIL image or a ``[C, H, W]``
         tensor in [0, 1], resized bilinearly to ``height`` x ``width`` if needed; one image for every
@@ -291,11 +292,8 @@ class WanPipeline(DenoisingPipeline):
         request = self._prepare(
             prompt, negative_prompt, num_inference_steps, guidance_scale, sigma_shift, seed, height, width, num_frames
         )
-        ada_taylor = params_cache_options(
-            enable_ada_taylor_cache and calibrator is None and feature_cache is None,
-            model_type or self.settings.model_type,
-            ada_taylor_n_derivatives,
-            ada_taylor_taylor_threshold,
+        cache = cache_from_arguments(
+            cache, enable_ada_taylor_cache, ada_taylor_n_derivatives, ada_taylor_taylor_threshold, model_type
         )
         model = self._model
         device, dtype = model.device, model.dtype
@@ -328,9 +326,8 @@ class WanPipeline(DenoisingPipeline):
             request.experts,
             request.guidance_scale,
             branch_inputs,
-            feature_cache=feature_cache,
-            calibrator=calibrator,
-            ada_taylor=ada_taylor,
+            cache=cache,
+            model_type=model_type or self.settings.model_type,
             model_input=model_input,
             timestep=lambda step: schedule.timesteps[step].to(device).expand(batch),
         )
@@ -502,22 +499,6 @@ class Wan22Pipeline(WanPipeline):
     def _experts_per_step(self, schedule: FlowMatchSchedule) -> list[str]:
         boundary = self.boundary_ratio * 1000
         return [HIGH_NOISE if float(t) >= boundary else LOW_NOISE for t in schedule.timesteps]
-
-    def _user_caches(
-        self, feature_cache: BaseFeatureCache | Mapping[str, BaseFeatureCache], used: list[str]
-    ) -> dict[str, BaseFeatureCache]:
-        if not isinstance(feature_cache, Mapping):
-            raise ParamsError(
-                "Wan2.2 runs two experts and a residual must not cross the switch: pass feature_cache="
-                f"{{'{HIGH_NOISE}': cache, '{LOW_NOISE}': cache}} (the low-noise one counting from its first "
-                "step), or calibrator= to share one measuring cache"
-            )
-        missing = [name for name in used if name not in feature_cache]
-        if missing:
-            raise ParamsError(f"feature_cache has no cache for the experts {missing} that this request runs")
-        if len({id(feature_cache[name]) for name in used}) != len(used):
-            raise ParamsError("each Wan2.2 expert needs its own cache object")
-        return {name: feature_cache[name] for name in used}
 
 
 def pipeline_for(loaded: LoadedModel, *, parallel: ParallelGroups | None = None) -> WanPipeline:

@@ -32,7 +32,8 @@ from ditcache.runtime.adapters.qwen_image import QwenImageAdapter
 from ditcache.runtime.denoise import (
     DenoisingPipeline,
     GenerationOutput,
-    params_cache_options,
+    CacheArg,
+    cache_from_arguments,
 )
 from ditcache.runtime.loading import part_spec
 from ditcache.runtime.pipeline_common import check_output, conditioning, load_transformer_and_vae, scheduler_config
@@ -297,13 +298,12 @@ class QwenImagePipeline(DenoisingPipeline):
         seed: int = 0,
         height: int | None = None,
         width: int | None = None,
-        enable_ada_taylor_cache: bool = True,
+        cache: CacheArg = None,
+        enable_ada_taylor_cache: bool = False,
         ada_taylor_n_derivatives: int = 1,
         ada_taylor_taylor_threshold: int = 2,
         model_type: str | None = None,
-        feature_cache: BaseFeatureCache | None = None,
         *,
-        calibrator: BaseFeatureCache | None = None,
         prompt_embeds: QwenPromptEmbeds | None = None,
         negative_prompt_embeds: QwenPromptEmbeds | None = None,
         reference_images: Sequence[Any] | None = None,
@@ -316,10 +316,9 @@ class QwenImagePipeline(DenoisingPipeline):
         ``num_inference_steps`` defaults to 50 (T2I) or 40 (Edit-Plus), the released settings.
         ``guidance_scale <= 1`` runs no unconditional pass; otherwise the negative prompt defaults
         to " ". ``sigma_shift=None`` uses the resolution-dependent shift. ``height``/``width``
-        default to ~1024^2 at the last reference image's aspect (Edit-Plus) or 1024 x 1024. The cache
-        is ``calibrator`` (measures, never skips), else ``feature_cache`` if given, else an
-        AdaTaylorCache from ``model_type``'s params (default Qwen-Image / Qwen-Image-Edit-Plus) when
-        ``enable_ada_taylor_cache``, else none; it is reset first. ``frames`` is ``[B, 3, 1, H, W]``
+        default to ~1024^2 at the last reference image's aspect (Edit-Plus) or 1024 x 1024. ``cache``
+        is a cache config, a built cache or None (every step computes); a params-driven config
+        without params takes ``model_type`` (default Qwen-Image / Qwen-Image-Edit-Plus). ``frames`` is ``[B, 3, 1, H, W]``
         in [0, 1], or with ``output_type="latent"`` the latents ``[B, C, 1, h, w]``.
         """
         start = time.perf_counter()
@@ -365,12 +364,10 @@ class QwenImagePipeline(DenoisingPipeline):
         if num_inference_steps is None:
             num_inference_steps = 40 if references else 50
         schedule = flow_match_schedule(num_inference_steps, shift)
-        ada_taylor = params_cache_options(
-            enable_ada_taylor_cache and calibrator is None and feature_cache is None,
-            model_type or ("Qwen-Image-Edit-Plus" if references else "Qwen-Image"),
-            ada_taylor_n_derivatives,
-            ada_taylor_taylor_threshold,
+        cache = cache_from_arguments(
+            cache, enable_ada_taylor_cache, ada_taylor_n_derivatives, ada_taylor_taylor_threshold, model_type
         )
+        default_model_type = model_type or ("Qwen-Image-Edit-Plus" if references else "Qwen-Image")
 
         def text_inputs(text: QwenPromptEmbeds) -> dict[str, Any]:
             return dict(encoder_hidden_states=text.embeds, encoder_hidden_states_mask=text.mask, img_shapes=img_shapes)
@@ -381,9 +378,8 @@ class QwenImagePipeline(DenoisingPipeline):
             [EXPERT] * schedule.num_steps,
             guidance_scale,
             {is_cond: text_inputs(text) for is_cond, text in texts.items()},
-            feature_cache=feature_cache,
-            calibrator=calibrator,
-            ada_taylor=ada_taylor,
+            cache=cache,
+            model_type=default_model_type,
             model_input=lambda x, step: torch.cat([x, *reference_tokens], dim=1).to(dtype),
             # The model takes sigma, not sigma * 1000.
             timestep=lambda step: schedule.sigmas[step].to(device).expand(batch),

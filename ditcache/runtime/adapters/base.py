@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from ditcache.cache.base import BaseFeatureCache, branch_name
+from ditcache.cache.base import BaseFeatureCache
+from ditcache.cache.context import StepContext, branch_name, local_sum, step_arg
 from ditcache.errors import CacheConfigError
 from ditcache.parallel.ulysses import UlyssesContext
 
@@ -73,8 +75,18 @@ class FamilyAdapter(torch.nn.Module, ABC):
         """Patch-embed the latents and compute the per-forward constants of the block stack."""
 
     @abstractmethod
+    def iter_blocks(self, state: StackState, hidden_states: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Run the transformer blocks in order on ``hidden_states``, yielding the image tokens after each."""
+
     def run_blocks(self, state: StackState, hidden_states: torch.Tensor) -> torch.Tensor:
         """Run every transformer block on ``hidden_states``; return the image tokens."""
+        for hidden_states in self.iter_blocks(state, hidden_states):
+            pass
+        return hidden_states
+
+    def modulation(self, state: StackState) -> torch.Tensor | None:
+        """The first block's timestep modulation, for caches that decide on it (None: not exposed)."""
+        return None
 
     @abstractmethod
     def head(self, hidden_states: torch.Tensor, state: StackState) -> torch.Tensor:
@@ -105,44 +117,82 @@ class FamilyAdapter(torch.nn.Module, ABC):
         is_cond: bool = True,
         cache: BaseFeatureCache | None = None,
         sp: UlyssesContext | None = None,
+        step: int | None = None,
+        sigma: float | None = None,
+        expert: str = "transformer",
         **extra: Any,
     ) -> torch.Tensor:
         """One model prediction for one CFG branch; ``cache`` decides whether the stack runs.
 
-        With ``sp`` (a Ulysses context over more than one rank, its attention processors installed
-        by ``apply_ulysses``) the stack runs on this rank's token shard and the tokens are gathered
-        before the head, so every rank returns the full prediction.
+        ``step``, ``sigma`` and ``expert`` describe the step to the cache (its
+        :class:`~ditcache.cache.StepContext`). With ``sp`` (a Ulysses context over more than one
+        rank, its attention processors installed by ``apply_ulysses``) the stack runs on this rank's
+        token shard and the tokens are gathered before the head, so every rank returns the full
+        prediction.
         """
         state = self.embed(hidden_states, timestep, encoder_hidden_states, **extra)
+        where = {"is_cond": is_cond, "step": step, "sigma": sigma, "expert": expert, "timestep": timestep}
         if sp is None or sp.group.size == 1:
-            return self.head(self._cached_stack(state, is_cond, cache, state.hidden_states.shape[1]), state)
+            return self.head(self._cached_stack(state, cache, state.hidden_states.shape[1], None, where), state)
         local = self.shard(state, sp)
-        out = self._cached_stack(local, is_cond, cache, sp.local_count(sp.seq_len))
+        out = self._cached_stack(local, cache, sp.local_count(sp.seq_len), sp, where)
         return self.head(sp.gather(out), state)
 
     def _cached_stack(
-        self, state: StackState, is_cond: bool, cache: BaseFeatureCache | None, n_real: int
+        self,
+        state: StackState,
+        cache: BaseFeatureCache | None,
+        n_real: int,
+        sp: UlyssesContext | None,
+        where: dict[str, Any],
     ) -> torch.Tensor:
         """The block stack, or the cache's estimate of it (one decision per branch per step).
 
         The cache sees only the first ``n_real`` tokens: the SP padding at the end of the last shard
         is not part of the sequence, and a calibrator counting it would measure a different mean on
         different SP degrees. A skipped step returns the padding as it came in (the gather drops it).
+        A cache that looked at the first block's output (``ctx.first_block``) does not pay for it
+        twice: a computed step continues from there.
         """
         x = state.hidden_states
         real = x[:, :n_real]
-        if cache is not None and not cache.should_compute(is_cond):
-            estimate = cache.approximate(real, is_cond)
-            return estimate if n_real == x.shape[1] else torch.cat([estimate, x[:, n_real:]], dim=1)
+        blocks = self.iter_blocks(state, x)
+        probed: list[torch.Tensor] = []
+
+        def first_block() -> torch.Tensor:
+            if not probed:
+                probed.append(next(blocks))
+            return probed[0][:, :n_real]
+
+        is_cond = where["is_cond"]
+        timestep = where["timestep"]
+        ctx = StepContext(
+            step=where["step"],
+            is_cond=is_cond,
+            expert=where["expert"],
+            sigma=where["sigma"],
+            timestep=float(timestep.flatten()[0]) if timestep.numel() else None,
+            hidden_states=real,
+            modulation=self.modulation(state),
+            group_sum=local_sum if sp is None else sp.group_sum,
+            first_block=first_block,
+        )
         started = time.perf_counter()
-        out = self.run_blocks(state, x)
+        arg = step_arg(cache, ctx)
+        if cache is not None and not cache.should_compute(arg):
+            blocks.close()
+            estimate = cache.approximate(real, arg)
+            return estimate if n_real == x.shape[1] else torch.cat([estimate, x[:, n_real:]], dim=1)
+        out = probed[0] if probed else x
+        for out in blocks:
+            pass
         if out.is_cuda:  # kernels run asynchronously: time the work, not its launch
             torch.cuda.synchronize(out.device)
         name = branch_name(is_cond)
         self.stack_passes[name] = self.stack_passes.get(name, 0) + 1
         self.stack_seconds[name] = self.stack_seconds.get(name, 0.0) + time.perf_counter() - started
         if cache is not None:
-            cache.update(out[:, :n_real], real, is_cond)
+            cache.update(out[:, :n_real], real, arg)
         return out
 
     def reset_counters(self) -> None:

@@ -15,6 +15,7 @@ contiguous shard they are a (possibly empty) prefix: the blocks get that local p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -104,7 +105,7 @@ class HunyuanVideoAdapter(FamilyAdapter):
         sharded["first_frame_num_tokens"] = sp.local_count(block_kwargs["first_frame_num_tokens"])
         return sharded
 
-    def run_blocks(self, state: StackState, hidden_states: torch.Tensor) -> torch.Tensor:
+    def iter_blocks(self, state: StackState, hidden_states: torch.Tensor) -> Iterator[torch.Tensor]:
         kw = state.block_kwargs
         # Positional because the plain and token-replace blocks name these arguments differently.
         args = (
@@ -115,11 +116,9 @@ class HunyuanVideoAdapter(FamilyAdapter):
             kw["first_frame_num_tokens"],
         )
         text = kw["encoder_hidden_states"]
-        for block in self.transformer.transformer_blocks:
+        for block in [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]:
             hidden_states, text = block(hidden_states, text, *args)
-        for block in self.transformer.single_transformer_blocks:
-            hidden_states, text = block(hidden_states, text, *args)
-        return hidden_states
+            yield hidden_states
 
     def head(self, hidden_states: torch.Tensor, state: StackState) -> torch.Tensor:
         """Tokens ``[B, F'H'W', D]`` back to a ``[B, C_out, F, H, W]`` prediction."""

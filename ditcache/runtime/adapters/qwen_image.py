@@ -15,6 +15,7 @@ embedding; the blocks receive the selecting index via ``block_kwargs``.
 from __future__ import annotations
 
 from math import prod
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -111,7 +112,7 @@ class QwenImageAdapter(FamilyAdapter):
             ]
         return sharded
 
-    def run_blocks(self, state: StackState, hidden_states: torch.Tensor) -> torch.Tensor:
+    def iter_blocks(self, state: StackState, hidden_states: torch.Tensor) -> Iterator[torch.Tensor]:
         kw = dict(state.block_kwargs)
         text = kw.pop("encoder_hidden_states")
         controlnet = kw.pop("controlnet_block_samples")
@@ -122,7 +123,7 @@ class QwenImageAdapter(FamilyAdapter):
             text, hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=text, **kw)
             if controlnet:
                 hidden_states = hidden_states + controlnet[i // interval]
-        return hidden_states
+            yield hidden_states
 
     def head(self, hidden_states: torch.Tensor, state: StackState) -> torch.Tensor:
         """Packed prediction ``[B, S, p*p*C_out]`` for every image token."""

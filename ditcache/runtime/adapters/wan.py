@@ -6,6 +6,7 @@ the result equals the diffusers forward (up to float rounding) when every step i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -72,10 +73,14 @@ class WanAdapter(FamilyAdapter):
             sharded["temb"] = sp.shard_like(block_kwargs["temb"], dim=1)
         return sharded
 
-    def run_blocks(self, state: StackState, hidden_states: torch.Tensor) -> torch.Tensor:
+    def iter_blocks(self, state: StackState, hidden_states: torch.Tensor) -> Iterator[torch.Tensor]:
         for block in self.transformer.blocks:
             hidden_states = block(hidden_states, **state.block_kwargs)
-        return hidden_states
+            yield hidden_states
+
+    def modulation(self, state: StackState) -> torch.Tensor:
+        """The first block's timestep modulation ``timestep_proj`` (TeaCache's ``e0`` for Wan)."""
+        return state.block_kwargs["temb"]
 
     def head(self, hidden_states: torch.Tensor, state: StackState) -> torch.Tensor:
         model = self.transformer
