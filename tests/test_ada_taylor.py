@@ -229,3 +229,31 @@ def test_stats_report_plan_next_to_decisions():
     assert st["cond"]["num_computed"] + st["cond"]["num_skipped"] == 50
     assert st["cond"]["taylor_approximations"] + st["cond"]["reuse_approximations"] == st["cond"]["num_skipped"]
     assert st["cond"]["plan_source"] == "rule" and st["cond"]["resample_rule"] == "index"
+
+
+def test_taylor_form_is_taylorseers_forecast_and_newton_is_exact_on_quadratics():
+    """Order 2 on computed steps 0, 2, 4 (window 2), forecast at 5: the "taylor" form is
+    sum D_i e^i / i! with D_{i+1} = (D_i - D_i') / window; "newton" reproduces a quadratic exactly."""
+    def residual(t: float) -> torch.Tensor:
+        return torch.full((1, 2, 3), 1.0 + 0.5 * t + 0.25 * t * t)
+
+    steps = 7  # K=1 and thresh 1 compute 0, 2, 4, 6 (the last step always computes)
+    plan = dict(cond_mag_ratios=[1.0] * steps, uncond_mag_ratios=[1.0] * steps, K=1, thresh=1.0,
+                retention_ratio=0.0, num_inference_steps=steps, n_derivatives=2, taylor_threshold=5)
+    forecasts = {}
+    for form in ("newton", "taylor"):
+        cache = AdaTaylorCache(**plan, taylor_form=form)
+        zero = torch.zeros(1, 2, 3)
+        for step in range(steps):
+            if cache.should_compute(True):
+                cache.update(residual(step), zero, True)
+            else:
+                forecasts.setdefault(form, {})[step] = cache.approximate(zero, True)
+    assert set(forecasts["newton"]) == {1, 3, 5}
+    assert torch.allclose(forecasts["newton"][5], residual(5))
+    r0, r2, r4 = (float(residual(t)[0, 0, 0]) for t in (0, 2, 4))
+    d1_old, d1 = (r2 - r0) / 2, (r4 - r2) / 2
+    d2 = (d1 - d1_old) / 2
+    assert torch.allclose(forecasts["taylor"][5], torch.full((1, 2, 3), r4 + d1 * 1 + d2 * 1 / 2))
+    with pytest.raises(CacheConfigError, match="taylor_form must be one of"):
+        AdaTaylorCache(**plan, taylor_form="euler")

@@ -69,7 +69,7 @@ def test_cond_and_uncond_schedules_are_independent(args, other):
     assert b.planned_compute_steps(False) == [s for s in expected if s >= init_step]
 
 
-# Derived by hand from the rule in SPEC 1.1 (start = int(50 * 0.2) = 10). Wan2.1-T2V-1.3B, K=4,
+# Derived by hand from the skip rule (start = int(50 * 0.2) = 10). Wan2.1-T2V-1.3B, K=4,
 # thresh=0.12: after step 10, the cond ratios 0.99511, 0.99535, 0.99552, 0.99541 give an accumulated
 # error 0.0049 + 0.0095 + 0.0139 + 0.0185 = 0.047 < 0.12 over 4 skips, so step 15 computes because
 # the fifth skip would exceed K; the same K-bound holds until the ratios fall late in the run, where
@@ -108,7 +108,7 @@ def test_resample_nearest_rule():
     assert resample_nearest(curve, 1) == [0.0]
     out = resample_nearest(curve, 25)
     assert out[0] == 0.0 and out[-1] == 49.0 and len(out) == 25
-    # idx = round([0, .25, .5, .75, 1]) with numpy's round-half-to-even, as the anchors do
+    # idx = round([0, .25, .5, .75, 1]) with numpy's round-half-to-even, as the original product does
     assert resample_nearest([1.0, 2.0], 5) == [1.0, 1.0, 1.0, 2.0, 2.0]
 
 

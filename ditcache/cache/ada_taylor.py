@@ -1,15 +1,18 @@
 """AdaTaylorCache: MagCache's magnitude-ratio skip schedule with TaylorSeer's forecast.
 
-On a computed step the cache stores the block-stack residual R = output - input and its backward
-divided differences over the last computed steps. On a skipped step it forecasts the residual with
-the Newton form of the interpolating polynomial through those steps, or, when the last computed
-step is further back than ``taylor_threshold``, reuses the last residual as is (a stale derivative
-extrapolated far does more harm than plain reuse).
+On a computed step the cache stores the block-stack residual R = output - input and its finite
+differences over the last computed steps. On a skipped step it forecasts the residual from them,
+or, when the last computed step is further back than ``taylor_threshold``, reuses the last
+residual as is (a stale derivative extrapolated far does more harm than plain reuse).
 
-Why Newton and not the anchors' ``sum D_i e^i / i!`` with ``D_{i+1} = (D_i - D_i') / window``: for
-orders 0 and 1 the two are the same expression; for order 2 the anchors' form is off by
-``D_2 * e * window / 2`` even on an exactly quadratic residual, while the Newton form is exact for
-polynomials of degree <= n at any spacing of the computed steps.
+Two forecasts, equal for orders 0 and 1 (``taylor_form``):
+
+- ``"newton"``: the Newton form of the polynomial through the computed steps (divided differences
+  over each span). Exact for polynomials of degree <= n at any spacing of the computed steps.
+- ``"taylor"``: TaylorSeer's and the original product's ``sum D_i e^i / i!`` with
+  ``D_{i+1} = (D_i - D_i') / window`` (window: the last gap between computed steps). For order 2
+  at equal spacing its quadratic term is ``e / (e + window)`` times Newton's. A model's residuals
+  are not polynomials, so which form forecasts better is measured, not derived.
 
 Everything is kept in fp32 whatever the model dtype: bf16 differences of nearly equal tensors lose
 most of their bits.
@@ -36,11 +39,16 @@ from ditcache.errors import CacheConfigError, CacheStateError
 from ditcache.params import CacheParams, load_params, params_from_dict
 
 
-def _check_order(n_derivatives: int, taylor_threshold: int) -> None:
+TAYLOR_FORMS = ("newton", "taylor")
+
+
+def _check_order(n_derivatives: int, taylor_threshold: int, taylor_form: str) -> None:
     if isinstance(n_derivatives, bool) or not isinstance(n_derivatives, int) or n_derivatives < 0:
         raise CacheConfigError(f"n_derivatives must be an integer >= 0, got {n_derivatives!r}")
     if isinstance(taylor_threshold, bool) or not isinstance(taylor_threshold, int) or taylor_threshold < 1:
         raise CacheConfigError(f"taylor_threshold must be an integer >= 1, got {taylor_threshold!r}")
+    if taylor_form not in TAYLOR_FORMS:
+        raise CacheConfigError(f"taylor_form must be one of {TAYLOR_FORMS}, got {taylor_form!r}")
 
 
 @dataclass
@@ -69,6 +77,7 @@ class AdaTaylorCache(BaseFeatureCache):
         n_derivatives: Taylor order; 0 is plain residual reuse (MagCache).
         taylor_threshold: largest distance (in steps) from the last computed step at which the
             Taylor forecast is used; further away the last residual is reused.
+        taylor_form: "newton" or "taylor", the order >= 2 forecast (see the module docstring).
         init_step: first step this cache is asked about. Steps before it belong to another model
             (Wan2.2's high-noise expert), so the step counter starts there, and that step always
             computes: no residual is carried across an expert switch.
@@ -77,7 +86,7 @@ class AdaTaylorCache(BaseFeatureCache):
             sigmas, the curves are mapped by noise level (``resample_by_sigma``), so a curve
             measured at one step count and shift serves another.
         resample: "auto" (sigma rule when both sides have sigmas, else index rule), "index" (the
-            anchors' nearest-index rule) or "sigma" (required; an error if sigmas are missing).
+            original product's nearest-index rule) or "sigma" (required; an error if sigmas are missing).
         params: an already loaded ``CacheParams``.
         cond_mag_ratios, uncond_mag_ratios, K, thresh, retention_ratio: explicit params, used
             instead of a params file (all five are needed).
@@ -94,6 +103,7 @@ class AdaTaylorCache(BaseFeatureCache):
         init_step: int = 0,
         params_dir: str | None = None,
         *,
+        taylor_form: str = "newton",
         sigmas: Sequence[float] | None = None,
         resample: str = "auto",
         params: CacheParams | None = None,
@@ -108,7 +118,8 @@ class AdaTaylorCache(BaseFeatureCache):
         )
         if num_inference_steps is None:
             num_inference_steps = self.params.default_steps or self.params.num_inference_steps
-        _check_order(n_derivatives, taylor_threshold)
+        _check_order(n_derivatives, taylor_threshold, taylor_form)
+        self.taylor_form = taylor_form
         self.num_inference_steps = num_inference_steps
         self.n_derivatives = n_derivatives
         self.taylor_threshold = taylor_threshold
@@ -227,8 +238,9 @@ class AdaTaylorCache(BaseFeatureCache):
             raise CacheStateError("update() called before should_compute() for this request")
         residual = output.detach().float() - ori_input.detach().float()
         differences = [residual]
+        newton = self.taylor_form == "newton"
         for i in range(min(self.n_derivatives, len(state.differences))):
-            span = state.step - state.support[i]
+            span = state.step - state.support[i if newton else 0]
             differences.append((differences[i] - state.differences[i]) / span)
         state.differences = differences
         state.support = [state.step, *state.support][: self.n_derivatives + 1]
@@ -250,7 +262,9 @@ class AdaTaylorCache(BaseFeatureCache):
             forecast = state.differences[0].clone()
             weight = 1.0
             for order in range(1, len(state.differences)):
-                weight *= state.step - state.support[order - 1]
+                # Newton: prod_{j<order} (step - t_j); Taylor: elapsed^order / order!
+                gap = state.step - state.support[order - 1] if self.taylor_form == "newton" else elapsed / order
+                weight *= gap
                 forecast.add_(state.differences[order], alpha=weight)
         return (input.float() + forecast).to(input.dtype)
 
@@ -292,6 +306,7 @@ class AdaTaylorConfig(CacheConfig):
     model_type: str | None = None
     n_derivatives: int = 1
     taylor_threshold: int = 2
+    taylor_form: str = "newton"
     params_dir: str | None = None
     resample: str = "auto"
     params: CacheParams | None = None
@@ -302,7 +317,7 @@ class AdaTaylorConfig(CacheConfig):
     retention_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        _check_order(self.n_derivatives, self.taylor_threshold)
+        _check_order(self.n_derivatives, self.taylor_threshold, self.taylor_form)
         for name in ("cond_mag_ratios", "uncond_mag_ratios"):
             value = getattr(self, name)
             if value is not None:

@@ -35,8 +35,8 @@ def validate_schedule_settings(
 def resample_nearest(curve: Sequence[float], num_steps: int) -> list[float]:
     """Map a curve calibrated at ``len(curve)`` steps to ``num_steps`` by nearest index.
 
-    ``idx = round(arange(N) * (N_cal - 1) / (N - 1))``, the anchors' rule. It ignores how the
-    run's sigmas differ from the calibration run's (SPEC section 6).
+    ``idx = round(arange(N) * (N_cal - 1) / (N - 1))``, the rule of the original product. It ignores
+    how the run's sigmas differ from the calibration run's (``resample_by_sigma`` does not).
     """
     if num_steps < 1:
         raise CacheConfigError(f"num_inference_steps must be >= 1, got {num_steps}")
