@@ -12,7 +12,7 @@ import json
 import sys
 
 from ditcache.cache.ada_taylor import AdaTaylorCache
-from ditcache.cache.base import branch_name
+from ditcache.cache.context import branch_name
 from ditcache.errors import DitCacheError
 from ditcache.params import list_models, load_params
 

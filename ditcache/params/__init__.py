@@ -10,11 +10,14 @@ from ditcache.params.loader import (
     resolve_params_path,
     sanitize_model_name,
 )
+from ditcache.params.userdir import default_user_params_dir, is_shipped_params_path
 
 __all__ = [
     "PARAMS_DIR_ENV",
     "SHIPPED_PARAMS_DIR",
     "CacheParams",
+    "default_user_params_dir",
+    "is_shipped_params_path",
     "list_models",
     "load_params",
     "params_from_dict",

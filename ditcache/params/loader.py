@@ -1,8 +1,11 @@
 """Find, validate and load cache params files (shipped, user directory, or an explicit path).
 
-Search order for a model_type: the ``params_dir`` argument, then ``$DITCACHE_PARAMS_DIR``, then the
-files shipped in this package; the first directory holding the file wins, so a user directory
-overrides or extends the shipped set without touching the installation.
+Search order for a model_type: the ``params_dir`` argument, then the user folder (``$DITCACHE_PARAMS_DIR``,
+else the XDG default of ``default_user_params_dir`` when it exists), then the files shipped in this
+package. A model_type is looked up as ``sanitize_model_name(model_type) + ".json"`` and the first directory
+holding that file wins, so a user directory overrides or extends the shipped set without touching the
+installation. Listing reads only regular, non-hidden ``*.json`` files, and a FIFO or other non-regular
+file is never opened.
 """
 
 from __future__ import annotations
@@ -10,14 +13,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ditcache.errors import ParamsError, UnknownModelError
+from ditcache.params.userdir import PARAMS_DIR_ENV as PARAMS_DIR_ENV  # re-exported: callers import it from here
+from ditcache.params.userdir import (
+    SHIPPED_PARAMS_DIR,
+    checked_params_dir,
+    is_regular_file,
+    user_params_dir,
+)
 
-SHIPPED_PARAMS_DIR = Path(__file__).resolve().parent
-PARAMS_DIR_ENV = "DITCACHE_PARAMS_DIR"
 REQUIRED_KEYS = ("K", "retention_ratio", "thresh", "cond_mag_ratios", "uncond_mag_ratios")
 
 
@@ -56,71 +65,139 @@ class CacheParams:
 
 
 def search_dirs(params_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Directories searched for params files, highest priority first."""
+    """Directories searched for params files, highest priority first.
+
+    Raises ParamsError when ``params_dir`` or ``$DITCACHE_PARAMS_DIR`` names a missing path or a file.
+    """
     dirs: list[Path] = []
     if params_dir is not None:
-        dirs.append(Path(params_dir))
-    env = os.environ.get(PARAMS_DIR_ENV)
-    if env:
-        dirs.append(Path(env))
+        dirs.append(checked_params_dir(Path(params_dir), "params_dir / --params-dir"))
+    user = user_params_dir()
+    if user is not None:
+        dirs.append(user)
     dirs.append(SHIPPED_PARAMS_DIR)
     return dirs
 
 
 def _model_files(params_dir: str | os.PathLike | None) -> dict[str, Path]:
-    """model_type -> file, lower-priority directories first so higher ones overwrite."""
+    """Listed name -> the file that loading that name reads.
+
+    Files are claimed by stem, highest-priority directory first, as ``resolve_params_path`` does: a bad
+    user file still shadows the shipped file of the same name, so its model is left out of the listing
+    (with the warning) rather than listed with params that loading it would not return.
+    """
     found: dict[str, Path] = {}
-    for directory in reversed(search_dirs(params_dir)):
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.glob("*.json")):
-            found[_model_type_of(path)] = path
+    claimed: set[str] = set()
+    for directory in search_dirs(params_dir):
+        for path in _params_files(directory):
+            if path.stem in claimed:
+                continue
+            claimed.add(path.stem)
+            name = _listed_name(path)
+            if name is not None:
+                found[name] = path
     return found
 
 
-def _model_type_of(path: Path) -> str:
+def _params_files(directory: Path) -> list[Path]:
+    """Regular, non-hidden ``*.json`` files in ``directory``; a FIFO or socket named *.json would block a read."""
+    return [p for p in sorted(directory.glob("*.json")) if not p.name.startswith(".") and is_regular_file(p)]
+
+
+def _listed_name(path: Path) -> str | None:
+    """The name that finds ``path``, or None when it is bad or no name finds it; each problem warns once.
+
+    The file name wins over a differing ``model_type`` inside the file, since lookups go by file name:
+    such a file is listed (and loaded) under its stem, and the params keep the model_type they declare.
+    """
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        declared = _read_params(path).model_type
+        wanted = sanitize_model_name(declared)
+    except ParamsError as exc:
+        warnings.warn(f"skipped a bad params file: {exc}; fix or remove it", stacklevel=2)
+        return None
+    if not _is_lookup_stem(path.stem):
+        warnings.warn(
+            f"skipped params file {path}: no model name is looked up as {path.name} "
+            f"(names map '.', '/' and '\\' to '_'); rename it to {wanted}.json",
+            stacklevel=2,
+        )
+        return None
+    if wanted != path.stem:
+        warnings.warn(
+            f"params file {path} declares model_type {declared!r} (looked up as {wanted}.json) but is named "
+            f"{path.name}; it is listed and loaded as {path.stem!r}: rename it to {wanted}.json or set its "
+            f"model_type to {path.stem!r}",
+            stacklevel=2,
+        )
         return path.stem
-    name = data.get("model_type") or data.get("model_name") if isinstance(data, dict) else None
-    return name if isinstance(name, str) and name else path.stem
+    return declared
+
+
+def _is_lookup_stem(stem: str) -> bool:
+    """True when some model name is looked up as ``<stem>.json``."""
+    try:
+        return sanitize_model_name(stem) == stem
+    except ParamsError:
+        return False
 
 
 def list_models(params_dir: str | os.PathLike | None = None) -> list[str]:
-    """Model types with a params file, shipped or in a user directory."""
+    """Model types with a params file, shipped or in a user directory; each one loads with ``load_params``.
+
+    A user file that is bad (unreadable, not UTF-8 JSON, invalid params) or that no name looks up is
+    skipped with one warning naming it, so it cannot hide the other models.
+    """
     return sorted(_model_files(params_dir))
 
 
 def resolve_params_path(model_type: str, params_dir: str | os.PathLike | None = None) -> Path:
     """Path of the params file for ``model_type``; raises UnknownModelError listing the known ones."""
     stem = sanitize_model_name(model_type)
-    for directory in search_dirs(params_dir):
+    dirs = search_dirs(params_dir)
+    for directory in dirs:
         candidate = directory / f"{stem}.json"
-        if candidate.is_file():
+        if is_regular_file(candidate):
             return candidate
     known = ", ".join(list_models(params_dir)) or "(none)"
-    dirs = ", ".join(str(d) for d in search_dirs(params_dir))
     raise UnknownModelError(
-        f"unknown model_type {model_type!r}: no {stem}.json in {dirs}. Known model types: {known}. "
-        "Calibrate one with `python launch/calibrate.py` or pass explicit params."
+        f"unknown model_type {model_type!r}: no {stem}.json in {', '.join(str(d) for d in dirs)}. "
+        f"Known model types: {known}. Calibrate one with `python launch/calibrate.py` or pass explicit params."
     )
 
 
 def load_params(model_type_or_path: str | os.PathLike, params_dir: str | os.PathLike | None = None) -> CacheParams:
-    """Load and validate params by model_type (searching the params dirs) or by a JSON file path."""
+    """Load and validate params by model_type (searching the params dirs) or by a JSON file path.
+
+    Every failure to read the file (missing, not a regular file, unreadable, not UTF-8, not JSON,
+    invalid params) is a ParamsError that names it.
+    """
     as_path = Path(model_type_or_path)
-    if str(model_type_or_path).endswith(".json") or as_path.is_file():
-        if not as_path.is_file():
-            raise ParamsError(f"params file {as_path} does not exist")
-        path = as_path
-    else:
-        path = resolve_params_path(str(model_type_or_path), params_dir)
+    if str(model_type_or_path).endswith(".json") or is_regular_file(as_path):
+        return _read_params(as_path)
+    return _read_params(resolve_params_path(str(model_type_or_path), params_dir))
+
+
+def _read_params(path: Path) -> CacheParams:
+    """Validated params of one file; listing and loading share it so they judge a file alike."""
+    return params_from_dict(_read_json(path), source=str(path), default_model_type=path.stem)
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON value in ``path``; checks it is a regular file first so a FIFO is never opened."""
+    if not is_regular_file(path):
+        what = "is not a regular file" if os.path.lexists(path) else "does not exist"
+        raise ParamsError(f"params file {path} {what}; point at a JSON params file")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ParamsError(f"params file {path} cannot be read ({exc.strerror}); fix its permissions") from exc
+    except UnicodeDecodeError as exc:
+        raise ParamsError(
+            f"params file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8 JSON"
+        ) from exc
     except json.JSONDecodeError as exc:
         raise ParamsError(f"params file {path} is not valid JSON: {exc}") from exc
-    return params_from_dict(data, source=str(path), default_model_type=path.stem)
 
 
 def _check_curve(values: Any, key: str, source: str) -> tuple[float, ...]:
