@@ -34,3 +34,11 @@ class StepSyncError(DitCacheError, RuntimeError):
 
 class CollectiveError(DitCacheError, RuntimeError):
     """A collective did not complete in time or failed: a peer rank diverged, raised or died."""
+
+
+class RequestMismatchError(DitCacheError, ValueError):
+    """Ranks that serve one job were given different requests (seed, steps, guidance, params, ...)."""
+
+
+class LayoutMismatchError(DitCacheError, ValueError):
+    """Ranks of one job parsed different parallel layouts (cfg or sp degree, world size)."""

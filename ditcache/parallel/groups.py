@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ditcache.errors import CacheConfigError, CollectiveError
 from ditcache.parallel.config import ParallelConfig, RankCoords
+from ditcache.parallel.fingerprint import check_layout
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -234,6 +235,11 @@ def init_parallel(
         return ParallelGroups.single(device, timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # On the default group before any subgroup: ranks with different layouts would otherwise wait
+    # forever in group creations their peers never start.
+    ranks, timeout = tuple(range(dist.get_world_size())), datetime.timedelta(seconds=timeout_s)
+    world = Group("world", ranks, dist.get_rank(), dist.group.WORLD if len(ranks) > 1 else None, timeout)
+    check_layout(config, world, device)
     return ParallelGroups.build(config, device=device, timeout_s=timeout_s)
 
 
