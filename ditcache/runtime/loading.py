@@ -19,7 +19,7 @@ the default request (``height``, ``width``, ``num_frames``, ``default_steps``,
 from __future__ import annotations
 
 import json
-import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,8 @@ IMAGE_PARTS = {
     "image_encoder": ("transformers", "CLIPVisionModel"),
     "image_processor": ("transformers", "CLIPImageProcessor"),
 }
+# safetensors' names of the float types a checkpoint may be stored in.
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,19 @@ def read_settings(root: Path, index: dict[str, Any]) -> ModelSettings:
     )
 
 
-def _load_diffusers_part(root: Path, part: str, spec: tuple[str, str], dtype: torch.dtype) -> torch.nn.Module:
+def _device_map(device: str | torch.device | None) -> dict[str, torch.device] | None:
+    """The ``device_map`` that makes ``from_pretrained`` place each weight on ``device`` as it is read.
+
+    None for the CPU, where the libraries load anyway, so CPU models carry no dispatch bookkeeping.
+    """
+    if device is None or torch.device(device).type == "cpu":
+        return None
+    return {"": torch.device(device)}
+
+
+def _load_diffusers_part(
+    root: Path, part: str, spec: tuple[str, str], dtype: torch.dtype, device: str | torch.device | None
+) -> torch.nn.Module:
     library, class_name = spec
     if library != "diffusers":
         raise UnknownModelError(f"{root}: part {part!r} is {library}.{class_name}; only diffusers classes load here")
@@ -164,61 +178,111 @@ def _load_diffusers_part(root: Path, part: str, spec: tuple[str, str], dtype: to
     cls = getattr(diffusers, class_name, None)
     if cls is None:
         raise UnknownModelError(f"{root}: part {part!r} names diffusers.{class_name}, which this diffusers lacks")
-    return load_diffusers_model(cls, check_part(root, part), dtype)
+    return load_diffusers_model(cls, check_part(root, part), dtype, device=device)
 
 
-def load_diffusers_model(cls: type, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """Build ``cls`` from ``folder/config.json`` and load every ``*.safetensors`` file (shards too).
+def _check_diffusers_weights(folder: Path) -> None:
+    """Name the missing weights before diffusers does: its error speaks of downloads and the Hub."""
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 
-    Not ``cls.from_pretrained``: diffusers refuses classes with fp32-kept modules (Wan's rope, time
-    embedder, norms) unless ``accelerate`` is installed. Those modules stay fp32 here too, as
-    diffusers would keep them, because they lose precision in half types.
-    """
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    if not any(folder.glob("*.safetensors")):
         raise ParamsError(f"{folder} has no *.safetensors weights (only safetensors checkpoints are loaded)")
-    model = cls.from_config(cls.load_config(str(folder)))
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    ignored = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
-    state = {k: v for k, v in state.items() if not any(re.search(pattern, k) for pattern in ignored)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if not ((folder / SAFETENSORS_WEIGHTS_NAME).is_file() or (folder / SAFE_WEIGHTS_INDEX_NAME).is_file()):
+        raise ParamsError(
+            f"{folder} has neither {SAFETENSORS_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}: "
+            "save the model with diffusers' save_pretrained"
+        )
+
+
+def _stored_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype holding most of the checkpoint's bytes, from the safetensors headers alone (None if exotic)."""
+    sizes: Counter[str] = Counter()
+    for file in folder.glob("*.safetensors"):
+        with file.open("rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                start, end = entry["data_offsets"]
+                sizes[entry["dtype"]] += end - start
+    return _SAFETENSORS_DTYPES.get(sizes.most_common(1)[0][0]) if sizes else None
+
+
+def _reads_whole_shards(folder: Path, dtype: torch.dtype, device: str | torch.device | None) -> bool:
+    """Whether to read each shard into memory rather than map it (diffusers' ``disable_mmap``).
+
+    safetensors maps a shard and hands out views of the mapping, so a weight loaded unchanged (an
+    fp32-kept module of an fp32 checkpoint) keeps the whole shard, and every page cast from it,
+    resident: an fp32 checkpoint loaded into bf16 on the CPU would peak at weights plus the entire
+    checkpoint. Read shards are freed once cast. A checkpoint already in ``dtype`` is mapped and used
+    in place, without a copy; off the CPU every weight is copied to the device, freeing the mapping.
+    """
+    return _device_map(device) is None and _stored_dtype(folder) != dtype
+
+
+def _unloaded(model: torch.nn.Module) -> list[str]:
+    """Weights still on the meta device: diffusers trusts a shard index, so a weight the index lists but
+    its shard lacks is left unloaded without being reported missing."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, tensor in tensors if tensor.device.type == "meta"]
+
+
+def load_diffusers_model(
+    cls: type, folder: Path, dtype: torch.dtype, *, device: str | torch.device | None = None
+) -> torch.nn.Module:
+    """Load ``cls`` from ``folder`` (one safetensors file or shards) in ``dtype``, onto ``device``.
+
+    diffusers builds the model on the meta device and reads one shard at a time, casting each weight
+    to ``dtype`` as it is placed: the peak is the loaded weights plus at most about one shard, where
+    building a random fp32 model first and loading the whole state dict beside it took three to four
+    times the bf16 weights. Modules the class keeps in fp32 (Wan's rope, time embedder, norms) stay
+    fp32, because they lose precision in half types.
+    """
+    _check_diffusers_weights(folder)
+    model, info = cls.from_pretrained(
+        str(folder),
+        torch_dtype=dtype,
+        low_cpu_mem_usage=True,
+        device_map=_device_map(device),
+        local_files_only=True,
+        use_safetensors=True,
+        disable_mmap=_reads_whole_shards(folder, dtype, device),
+        output_loading_info=True,
+    )
+    missing, unexpected = sorted({*info["missing_keys"], *_unloaded(model)}), info["unexpected_keys"]
     if missing or unexpected:
         raise ParamsError(
             f"{folder}: the weights do not match config.json: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    keep_fp32 = set(getattr(cls, "_keep_in_fp32_modules", None) or [])
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point():
-            tensor.data = tensor.data.to(torch.float32 if keep_fp32.intersection(name.split(".")) else dtype)
     return model.eval()
 
 
-def load_text_encoder(root: Path, index: dict[str, Any], dtype: torch.dtype) -> TextEncoder:
-    """Dispatch on the text_encoder entry of ``model_index.json``."""
+def load_text_encoder(
+    root: Path, index: dict[str, Any], dtype: torch.dtype, *, device: str | torch.device | None = None
+) -> TextEncoder:
+    """Dispatch on the text_encoder entry of ``model_index.json``; the encoder ends up on ``device``."""
     spec = part_spec(index, "text_encoder")
     if spec is None:
         raise ParamsError(f"model directory {root}: model_index.json has no text_encoder part")
     te_dir = check_part(root, "text_encoder")
     tok_dir = check_part(root, "tokenizer")
     if spec == ("transformers", "UMT5EncoderModel"):
-        return UMT5TextEncoder.from_pretrained(te_dir, tok_dir, dtype=dtype)
+        return UMT5TextEncoder.from_pretrained(te_dir, tok_dir, dtype=dtype, device_map=_device_map(device))
     if spec == ("ditcache", "DigitPromptEncoder"):
         from ditcache.runtime.reference import DigitPromptEncoder
 
-        return DigitPromptEncoder.from_pretrained(root)
+        # Tens of kilobytes: loaded on the CPU in fp32, as it was trained, then moved.
+        return DigitPromptEncoder.from_pretrained(root).to(device or "cpu")
     raise UnknownModelError(
         f"{root}: unsupported text_encoder {spec[0]}.{spec[1]}; supported: "
         "transformers.UMT5EncoderModel, ditcache.DigitPromptEncoder"
     )
 
 
-def load_image_parts(root: Path, index: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
-    """The CLIP ``image_encoder`` and ``image_processor`` when the index lists them (both or neither)."""
+def load_image_parts(
+    root: Path, index: dict[str, Any], dtype: torch.dtype, *, device: str | torch.device | None = None
+) -> tuple[Any, Any]:
+    """The CLIP ``image_encoder`` (on ``device``) and ``image_processor``; (None, None) if the index lists neither."""
     specs = {part: part_spec(index, part) for part in IMAGE_PARTS}
     listed = [part for part, spec in specs.items() if spec is not None]
     if not listed:
@@ -238,7 +302,9 @@ def load_image_parts(root: Path, index: dict[str, Any], dtype: torch.dtype) -> t
     encoder_dir = check_part(root, "image_encoder")
     if not any(encoder_dir.glob("*.safetensors")):
         raise ParamsError(f"{encoder_dir} has no *.safetensors weights (only safetensors checkpoints are loaded)")
-    encoder = CLIPVisionModel.from_pretrained(str(encoder_dir), dtype=dtype, local_files_only=True).eval()
+    encoder = CLIPVisionModel.from_pretrained(
+        str(encoder_dir), dtype=dtype, device_map=_device_map(device), local_files_only=True, use_safetensors=True
+    ).eval()
     processor = CLIPImageProcessor.from_pretrained(str(check_part(root, "image_processor")), local_files_only=True)
     return encoder, processor
 
@@ -246,7 +312,7 @@ def load_image_parts(root: Path, index: dict[str, Any], dtype: torch.dtype) -> t
 def load_model_dir(
     model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> LoadedModel:
-    """Load every part named by ``model_index.json`` from local files onto ``device``."""
+    """Load every part named by ``model_index.json`` from local files, each straight onto ``device``."""
     root = Path(model_dir)
     index = read_model_index(root)
     settings = read_settings(root, index)
@@ -255,18 +321,14 @@ def load_model_dir(
     for part in EXPERT_PARTS:
         spec = part_spec(index, part)
         if spec is not None:
-            transformers[part] = _load_diffusers_part(root, part, spec, dtype).to(device)
+            transformers[part] = _load_diffusers_part(root, part, spec, dtype, device)
     if "transformer" not in transformers:
         raise ParamsError(f"model directory {root}: model_index.json has no transformer part")
 
     vae_spec = part_spec(index, "vae")
     # The VAE decodes in fp32: its output is the image, and it is run once per request.
-    vae = None if vae_spec is None else _load_diffusers_part(root, "vae", vae_spec, torch.float32).to(device)
+    vae = None if vae_spec is None else _load_diffusers_part(root, "vae", vae_spec, torch.float32, device)
 
-    text_encoder = load_text_encoder(root, index, dtype)
-    if isinstance(text_encoder, torch.nn.Module):
-        text_encoder = text_encoder.to(device)
-    image_encoder, image_processor = load_image_parts(root, index, dtype)
-    if image_encoder is not None:
-        image_encoder = image_encoder.to(device)
+    text_encoder = load_text_encoder(root, index, dtype, device=device)
+    image_encoder, image_processor = load_image_parts(root, index, dtype, device=device)
     return LoadedModel(root, index, settings, transformers, text_encoder, vae, image_encoder, image_processor)

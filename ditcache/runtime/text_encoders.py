@@ -42,11 +42,18 @@ class UMT5TextEncoder(torch.nn.Module):
         *,
         max_length: int = 512,
         dtype: torch.dtype = torch.float32,
+        device_map: dict[str, torch.device] | None = None,
     ) -> "UMT5TextEncoder":
-        """Load from ``text_encoder/`` and ``tokenizer/`` folders; never downloads."""
+        """Load from ``text_encoder/`` and ``tokenizer/`` folders; never downloads.
+
+        transformers builds the encoder empty and reads the weights shard by shard into ``dtype``,
+        placing them per ``device_map`` (None: the CPU), so UMT5-XXL never exists twice in memory.
+        """
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), dtype=dtype, local_files_only=True)
+        encoder = UMT5EncoderModel.from_pretrained(
+            str(encoder_dir), dtype=dtype, device_map=device_map, local_files_only=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         return cls(encoder.eval(), tokenizer, max_length=max_length)
 
