@@ -1,13 +1,20 @@
-"""The ``ditcache`` command: inspect shipped params and the skip plan they give.
+"""The ``ditcache`` command: run the launchers, inspect params and the skip plan they give.
 
-    ditcache list                                  # models with params (shipped + user dir)
+    ditcache generate --prompt "a handwritten 3"        # see `ditcache generate --help`
+    ditcache calibrate --model reference --output my.json
+    ditcache ray-generate --ranks 2 --prompts-file p.txt --output-dir out/
+    ditcache list                                       # models with params (shipped + user dir)
     ditcache plan --model Wan2.1-T2V-1.3B --steps 50
     ditcache plan --params-file my.json --steps 30 --json
+
+The launcher subcommands hand their arguments to ``ditcache.launch.<name>.main``, imported only
+when chosen, so ``list`` and ``plan`` start without loading torch models or Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -94,10 +101,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# subcommand -> (module whose main(argv, prog) runs it, help)
+LAUNCHERS = {
+    "generate": ("ditcache.launch.generate", "generate images or videos (one process, or one rank under torchrun)"),
+    "calibrate": ("ditcache.launch.calibrate", "calibrate a model's magnitude-ratio curve into a params file"),
+    "ray-generate": ("ditcache.launch.ray_generate", "generate a batch of prompts on a Ray cluster"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditcache", description="Feature-cache params and plans for DiT inference")
-    parser.add_argument("--params-dir", help="user params directory (searched before the shipped files)")
+    parser = argparse.ArgumentParser(prog="ditcache", description="Feature-cached inference for diffusion transformers")
+    parser.add_argument("--params-dir", help="user params directory for list and plan (searched before the shipped files)")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in LAUNCHERS.items():
+        # The launcher parses its own arguments (and --help): this parser only routes to it.
+        sub.add_parser(name, help=help_text, add_help=False)
     p_list = sub.add_parser("list", help="list models with params")
     p_list.add_argument("--json", action="store_true")
     p_list.set_defaults(func=_cmd_list)
@@ -113,8 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_launcher(command: str, argv: list[str]) -> int:
+    module_name, _ = LAUNCHERS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        print(f"ditcache {command}: error: Ray is not installed; pip install 'ditcache[ray]'", file=sys.stderr)
+        return 2
+    return module.main(argv, prog=f"ditcache {command}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command in LAUNCHERS:
+        if args.params_dir is not None:
+            parser.error(f"--params-dir applies to list and plan, not {args.command}")
+        return _run_launcher(args.command, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except DitCacheError as exc:

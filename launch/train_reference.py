@@ -17,7 +17,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,11 +26,8 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE  # noqa: E402
-from ditcache.runtime.reference import (  # noqa: E402
+from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE
+from ditcache.runtime.reference import (
     DigitPromptEncoder,
     build_digit_tokenizer,
     euler_sample_digits,
@@ -40,6 +36,8 @@ from ditcache.runtime.reference import (  # noqa: E402
     prompt_for_label,
     train_digit_classifier,
 )
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout whose git state the model card records
 
 # Sized so all three bundled transformers (base + two experts) stay under 10 MB of fp32 safetensors.
 TRANSFORMER_CONFIG = {

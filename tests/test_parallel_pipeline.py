@@ -284,7 +284,7 @@ def test_a_rank_dependent_cache_fails_on_every_rank_with_a_readable_message(rank
         assert "rank 1 (cfg 0, sp 1): cond step 3 skip" in message
 
 
-# -- torchrun: launch/generate.py on 2 ranks ----------------------------------------------------------
+# -- torchrun: launch/generate.py (ditcache generate) on 2 ranks ----------------------------------------------------------
 
 
 def write_tiny_digit_model(root: Path) -> Path:
@@ -331,8 +331,7 @@ def test_torchrun_generate_cfg_parallel_writes_the_single_process_png(tmp_path):
     assert run.stdout.count("wrote") == 1 and "cfg 2 x sp 1 x dp 1 (2 ranks)" in run.stdout
     assert "cond: 3 computed / 0 skipped | uncond: 3 computed / 0 skipped" in run.stdout
 
-    sys.path.insert(0, str(REPO / "launch"))
-    import generate
+    from ditcache.launch import generate
 
     assert generate.main([*common, "--output", str(tmp_path / "single.png")]) == 0
     with Image.open(tmp_path / "cfg2.png") as parallel, Image.open(tmp_path / "single.png") as single:

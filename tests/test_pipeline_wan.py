@@ -7,7 +7,6 @@ fixed-schedule cache (residual reuse on a given step list) that implements the c
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 
 import pytest
@@ -352,20 +351,9 @@ def test_missing_or_unknown_model_dir_parts(tmp_path, make_tiny_wan):
         load_model_dir(tmp_path)
 
 
-def _generate_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "launch" / "generate.py"
-    spec = importlib.util.spec_from_file_location("ditcache_generate", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_generate_cli_writes_output_and_reports_errors(tmp_path, make_tiny_wan, capsys):
-    generate = _generate_module()
+    from ditcache.launch import generate
+
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     _write_model_dir(model_dir, make_tiny_wan)

@@ -1,65 +1,109 @@
-"""Calibrate a model's magnitude-ratio curve (and optionally auto-tune a skip plan) into a params file.
+"""``ditcache calibrate``: a model's magnitude-ratio curve (and optionally an auto-tuned skip plan) into a params file.
 
-    python launch/calibrate.py --model reference --model-name Reference-Digits --output my.json
-    python launch/calibrate.py --model wan --model-dir /models/Wan2.1-T2V-1.3B-Diffusers \
+    ditcache calibrate --model reference --model-name Reference-Digits --output my.json
+    ditcache calibrate --model wan --model-dir /models/Wan2.1-T2V-1.3B-Diffusers \
         --prompts-file prompts.txt --steps 50 --shift 5 --model-name Wan2.1-T2V-1.3B-mine
-    python launch/calibrate.py --model reference --target-speedup 2.0 --output tuned.json
+    ditcache calibrate --model qwen_image --model-dir /models/Qwen-Image --prompts-file p.txt --model-name Qwen-Image-mine
+    ditcache calibrate --model reference --target-speedup 2.0 --output tuned.json
 
 The curve is the mean over every token of every prompt of ||r_t|| / ||r_{t-1}|| per branch, with
 the noise level of each step recorded, so runs at other step counts and shifts resample it by
 sigma. With ``--target-speedup`` or ``--max-error`` a second pass records the residuals of the
 first ``--tune-prompts`` prompts and the plan with the least predicted error is written along with
-the curve (or the script says plainly that the target cannot be reached, and writes nothing).
+the curve (or the command says plainly that the target cannot be reached, and writes nothing).
+
+Request options left unset take the pipeline's own defaults, whatever the family: the calibrator is
+sized by the schedule the pipeline reports for the first request (Qwen-Image's shift, for one,
+depends on the resolution), so no family has to expose its defaults beforehand. Only the model
+name written and the guidance scale the tuner replays fall back to the pipeline's ``settings``.
 
     torchrun --nproc_per_node=4 --master_port=29532 launch/calibrate.py --cfg-parallel 2 --sp 2 ...
 
-Under ``torchrun`` (``--cfg-parallel``, ``--sp`` as in generate.py; ranks beyond ``cfg x sp`` are
-data-parallel replicas) replica r runs the prompt batches r, r + dp, ... (batch i keeps seed
-``--seed + i`` whatever the layout), every rank measures its branch and token shard, and one sum
-all-reduce over all ranks pools the statistics: 1, 2 or 64 ranks write the same curve. Rank 0 alone
-writes the file (atomically). For auto-tuning the ranks' recorded residuals (a token sample of each
-shard) are gathered, so the tuner replays whole requests of both branches.
+Under ``torchrun`` (``--cfg-parallel``, ``--sp`` as in ``ditcache generate``; ranks beyond
+``cfg x sp`` are data-parallel replicas) replica r runs the prompt batches r, r + dp, ... (batch i
+keeps seed ``--seed + i`` whatever the layout), every rank measures its branch and token shard, and
+one sum all-reduce over all ranks pools the statistics: 1, 2 or 64 ranks write the same curve.
+Rank 0 alone writes the file (atomically). For auto-tuning the ranks' recorded residuals (a token
+sample of each shard) are gathered, so the tuner replays whole requests of both branches.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from generate import DTYPES, add_parallel_arguments, load, parallel_session, read_prompts, resolve_model  # noqa: E402
-
-from ditcache.cache.calibrator import Calibrator  # noqa: E402
-from ditcache.cache.recorder import ResidualRecorder  # noqa: E402
-from ditcache.cache.tune import PlanReplayer, TargetUnreachableError, tune, tuned_params  # noqa: E402
-from ditcache.errors import DitCacheError  # noqa: E402
-from ditcache.parallel import ParallelGroups, pool_calibration  # noqa: E402
-from ditcache.params import params_from_dict  # noqa: E402
-from ditcache.params.writer import write_params  # noqa: E402
-from ditcache.runtime.scheduler import flow_match_schedule  # noqa: E402
+from ditcache.cache.base import BaseFeatureCache
+from ditcache.cache.calibrator import Calibrator
+from ditcache.cache.recorder import ResidualRecorder
+from ditcache.cache.registry import CacheConfig
+from ditcache.cache.tune import PlanReplayer, TargetUnreachableError, tune, tuned_params
+from ditcache.errors import CacheConfigError, DitCacheError
+from ditcache.launch.generate import read_prompts
+from ditcache.launch.models import DTYPES, load_pipeline, model_help, resolve_model
+from ditcache.launch.session import add_parallel_arguments, parallel_session
+from ditcache.parallel import ParallelGroups, pool_calibration
+from ditcache.params import params_from_dict
+from ditcache.params.writer import write_params
 
 # Token positions of each request the auto-tuner replays (split evenly over the SP shards).
 TUNE_TOKENS = 1024
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="reference", help="bundled model or family (see generate.py)")
+class PooledCalibration(CacheConfig):
+    """One :class:`Calibrator` for every request of a calibration, built for the first request's schedule.
+
+    Passed to the pipeline as a config, so the pipeline, which knows its default step count and
+    shift, sizes the calibrator; every later request gets the same calibrator (which checks that the
+    schedule is the same), so the statistics of all requests pool into one curve.
+    """
+
+    name = "calibrator"
+    cache_class = Calibrator
+
+    def __init__(self, **calibrator_options: Any) -> None:
+        self.calibrator_options = calibrator_options
+        self.calibrator: Calibrator | None = None
+
+    def build(
+        self, num_inference_steps: int, sigmas: Sequence[float] | None = None, init_step: int = 0
+    ) -> BaseFeatureCache:
+        if self.calibrator is None:
+            self.calibrator = Calibrator(num_inference_steps, sigmas=sigmas, **self.calibrator_options)
+        elif num_inference_steps != self.calibrator.num_inference_steps:
+            raise CacheConfigError(
+                f"a calibration pools requests of one step count: got {num_inference_steps} after "
+                f"{self.calibrator.num_inference_steps}"
+            )
+        elif sigmas is not None:
+            self.calibrator.observe_sigmas(sigmas)
+        return self.calibrator
+
+
+def build_parser(prog: str = "ditcache calibrate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="reference", help=model_help())
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--prompt", action="append")
     parser.add_argument("--prompts-file", type=Path)
     parser.add_argument("--negative-prompt")
-    parser.add_argument("--steps", type=int, help="default: the model directory's")
-    parser.add_argument("--shift", type=float, help="default: the model directory's")
-    parser.add_argument("--guidance-scale", type=float, help="<= 1: cond curve only (stated in the file)")
+    parser.add_argument("--steps", type=int, help="default: the pipeline's")
+    parser.add_argument("--shift", type=float, help="default: the pipeline's")
+    parser.add_argument(
+        "--guidance-scale", type=float, help="<= 1: cond curve only (stated in the file); default: the pipeline's"
+    )
+    parser.add_argument("--height", type=int, help="default: the pipeline's")
+    parser.add_argument("--width", type=int, help="default: the pipeline's")
+    parser.add_argument("--num-frames", type=int, help="default: the pipeline's")
     parser.add_argument("--seed", type=int, default=1000, help="first seed; prompt batch i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=10, help="prompts per pipeline call")
     parser.add_argument("--model-name", help="model_type written into the file (default: the model's)")
@@ -108,35 +152,50 @@ def gather_trajectories(recorder: ResidualRecorder, groups: ParallelGroups) -> d
     return merged
 
 
+def request_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The request keywords the user set; the rest take the pipeline's defaults."""
+    optional = {
+        "num_inference_steps": args.steps,
+        "sigma_shift": args.shift,
+        "guidance_scale": args.guidance_scale,
+        "negative_prompt": args.negative_prompt,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+    }
+    return {key: value for key, value in optional.items() if value is not None} | {"progress": False}
+
+
 def run(args: argparse.Namespace) -> tuple[Path | None, dict]:
     """This rank's calibration job; returns (the file rank 0 wrote, None elsewhere; the params data)."""
     family, model_dir = resolve_model(args.model, args.model_dir)
     prompts = read_prompts(args)
-    dtype = DTYPES[args.dtype] if args.dtype else DTYPES["float32"]
+    dtype = DTYPES[args.dtype or "float32"]
     with parallel_session(args) as (groups, device):
-        pipe = load(family, model_dir, device, dtype, groups)
-        settings = pipe.settings
-        steps = args.steps or settings.default_steps
-        shift = args.shift or settings.default_shift
-        guidance = settings.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
-        schedule = flow_match_schedule(steps, shift)
-        sigmas = schedule.sigmas[:-1].tolist()
-        model_name = args.model_name or settings.model_type or "custom"
-        calibrator = Calibrator(
-            steps, shift, model_name, args.output, K=args.K, thresh=args.thresh,
-            retention_ratio=args.retention_ratio, sigmas=sigmas,
-        )
-        common = dict(num_inference_steps=steps, sigma_shift=shift, guidance_scale=guidance, progress=False)
-        if args.negative_prompt is not None:
-            common["negative_prompt"] = args.negative_prompt
-        show = not args.no_progress and groups.rank == 0
         mine = replica_batches(prompts, args.batch_size, groups)
+        if not mine:  # the same on every rank, so all of them stop here
+            raise CacheConfigError(
+                f"{len(prompts)} prompts in batches of {args.batch_size} leave replica {groups.dp_rank} of "
+                f"{groups.config.dp_degree} nothing to calibrate: give at least one batch per replica"
+            )
+        pipe = load_pipeline(family, model_dir, device, dtype, groups)
+        model_name = args.model_name or pipe.settings.model_type or "custom"
+        pooled = PooledCalibration(
+            sigma_shift=args.shift, model_name=model_name, output_path=args.output, K=args.K,
+            thresh=args.thresh, retention_ratio=args.retention_ratio,
+        )
+        common = request_options(args)
+        show = not args.no_progress and groups.rank == 0
         for i, batch in tqdm(mine, desc="calibrating", disable=not show):
-            pipe(prompt=batch, seed=args.seed + i, cache=calibrator, **common)
+            pipe(prompt=batch, seed=args.seed + i, cache=pooled, **common)
+        calibrator = pooled.calibrator
+        assert calibrator is not None  # built by the first request, and every replica ran one
         pool_calibration(calibrator, groups)
         data = calibrator.result()
 
         if args.target_speedup is not None or args.max_error is not None:
+            steps, sigmas = calibrator.num_inference_steps, calibrator.sigmas
+            guidance = pipe.settings.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
             recorder = ResidualRecorder(steps, max_tokens=max(1, TUNE_TOKENS // groups.config.sp_degree))
             mine = replica_batches(prompts[: args.tune_prompts], args.batch_size, groups)
             for i, batch in tqdm(mine, desc="recording", disable=not show):
@@ -160,7 +219,7 @@ def run(args: argparse.Namespace) -> tuple[Path | None, dict]:
 def summary(path: Path, data: dict) -> str:
     prov = data["provenance"]
     line = (
-        f"{data['model_type']}: {data['num_inference_steps']} steps, shift {data['sigma_shift']}, "
+        f"{data['model_type']}: {data['num_inference_steps']} steps, shift {data['sigma_shift'] or 'default'}, "
         f"requests {prov['requests']}, K={data['K']} thresh={data['thresh']} retention={data['retention_ratio']}"
     )
     tuned = prov.get("tuned")
@@ -169,8 +228,8 @@ def summary(path: Path, data: dict) -> str:
     return f"{line} | wrote {path}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "ditcache calibrate") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         path, data = run(args)
     except TargetUnreachableError as exc:

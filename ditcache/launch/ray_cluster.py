@@ -2,8 +2,9 @@
 
 Every rank is one actor that sets exactly the variables ``torchrun`` sets (``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and then calls the same
-per-rank entry function ``torchrun`` would run (by default ``launch/generate.py:run``), so the Ray
-path adds no code path of its own to the generation.
+per-rank entry function ``torchrun`` would run (by default ``ditcache.launch.generate:run``), so the
+Ray path adds no code path of its own to the generation. Only the Ray launcher imports this module,
+so Ray stays an optional dependency.
 
 Each data-parallel replica (``cfg x sp`` ranks) gets its own placement group and its own
 ``torch.distributed`` world, as if started by its own ``torchrun``: replicas serve different
@@ -18,15 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -34,12 +31,12 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-import ditcache
 from ditcache.errors import CollectiveError, DitCacheError, StepSyncError
+from ditcache.launch.imports import import_user_module
 from ditcache.parallel.config import ParallelConfig
 from ditcache.runtime.denoise import GenerationOutput
 
-DEFAULT_ENTRY = "launch/generate.py:run"
+DEFAULT_ENTRY = "ditcache.launch.generate:run"
 # After the first failure of a request, how long to wait for its other ranks: a peer of a dead rank
 # often reports a CollectiveError/StepSyncError before Ray notices the death, the root cause.
 ROOT_CAUSE_GRACE_S = 5.0
@@ -49,31 +46,16 @@ class RayJobError(DitCacheError, RuntimeError):
     """A rank of a Ray job raised, died or did not finish in time (the message names the rank)."""
 
 
-def checkout_root() -> Path:
-    """The source checkout holding the imported ``ditcache`` (where ``launch/`` lives).
-
-    Resolved on each actor: under ``ray job submit --working-dir`` every node unpacks its own copy.
-    """
-    return Path(ditcache.__file__).resolve().parent.parent
-
-
 def load_entry(spec: str) -> Callable[[argparse.Namespace], Any]:
-    """``"path/to/file.py:function"`` (relative paths from :func:`checkout_root`) or ``"module:function"``."""
+    """``"package.module:function"`` or ``"path/to/file.py:function"`` (relative to the working
+    directory: under ``ray job submit --working-dir``, the job's copy on each node)."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise RayJobError(f"entry {spec!r} must look like 'launch/generate.py:run' or 'package.module:function'")
-    if target.endswith(".py"):
-        path = Path(target) if Path(target).is_absolute() else checkout_root() / target
-        if not path.is_file():
-            raise RayJobError(f"entry file {path} does not exist (entry {spec!r})")
-        module_name = f"ditcache_entry_{path.stem}_{abs(hash(str(path)))}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        assert module_spec is not None and module_spec.loader is not None  # a .py file always has a loader
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module  # dataclasses resolve annotations through sys.modules
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
+        raise RayJobError(f"entry {spec!r} must look like 'package.module:function' or 'path/to/file.py:function'")
+    try:
+        module = import_user_module(target, option="entry")
+    except DitCacheError as exc:
+        raise RayJobError(str(exc)) from None
     function = getattr(module, name, None)
     if not callable(function):
         raise RayJobError(f"entry {spec!r}: {target} has no function {name!r}")

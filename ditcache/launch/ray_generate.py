@@ -1,18 +1,18 @@
-"""Generate a batch of requests on Ray: one actor per rank, one output file per prompt.
+"""``ditcache ray-generate``: a batch of requests on Ray, one actor per rank, one output file per prompt.
 
-    python launch/ray_generate.py --ranks 2 --prompts-file prompts.txt --output-dir out/
-    python launch/ray_generate.py --address auto --ranks 8 --cfg-parallel 2 --sp 2 --model wan \
+    ditcache ray-generate --ranks 2 --prompts-file prompts.txt --output-dir out/
+    ditcache ray-generate --address auto --ranks 8 --cfg-parallel 2 --sp 2 --model wan \
         --model-dir /models/Wan2.1-T2V-1.3B-Diffusers --model-type Wan2.1-T2V-1.3B --prompts-file p.txt
-    ray job submit --working-dir . -- python launch/ray_generate.py --ranks 2 --output-dir /shared/out
+    ray job submit --working-dir . -- ditcache ray-generate --ranks 2 --output-dir /shared/out
 
-Takes every argument of launch/generate.py. The ranks (``--ranks`` = dp x cfg x sp) form
+Takes every argument of ``ditcache generate``. The ranks (``--ranks`` = dp x cfg x sp) form
 ``--ranks / (cfg x sp)`` replicas; each request (one prompt, seed ``--seed``, so it matches
-``generate.py --prompt ...``) goes to every rank of one replica, which runs generate.py's ``run``
+``ditcache generate --prompt ...``) goes to every rank of one replica, which runs generate's ``run``
 exactly as under ``torchrun``. Without ``--address`` a local Ray cluster is started, unless the
-script runs as a Ray job (``RAY_ADDRESS`` is set), which joins the job's cluster. Rank 0 of each
+command runs as a Ray job (``RAY_ADDRESS`` is set), which joins the job's cluster. Rank 0 of each
 replica writes ``<output-dir>/NNN-<prompt>.png|mp4`` on its node; the driver prints one summary per
 request and writes ``<output-dir>/results.json``. ``--timeout`` bounds each collective (as in
-generate.py), ``--request-timeout`` each request as seen by the driver: a rank that raises, dies or
+generate), ``--request-timeout`` each request as seen by the driver: a rank that raises, dies or
 overruns fails the job with its rank and message (exit code 1).
 """
 
@@ -23,32 +23,20 @@ import json
 import re
 import sys
 import time
+from collections.abc import Sequence
 from copy import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-LAUNCH = Path(__file__).resolve().parent
-REPO = LAUNCH.parent
-sys.path.insert(0, str(LAUNCH))  # generate.py sits next to this file (and puts REPO on the path)
+import ray
+from tqdm import tqdm
 
-import ray  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import generate  # noqa: E402
-from ditcache.errors import DitCacheError, ParamsError  # noqa: E402
-from ditcache.parallel.config import ParallelConfig  # noqa: E402
-from ditcache.parallel.ray_cluster import (  # noqa: E402
-    DEFAULT_ENTRY,
-    RayJobError,
-    RayRanks,
-    Request,
-    RequestResult,
-    connect,
-)
-
-# Models whose samples are images when --num-frames is not given (others default to video).
-IMAGE_MODELS = (*generate.BUNDLED_MODELS, "qwen_image")
+from ditcache.errors import DitCacheError, ParamsError
+from ditcache.launch import generate
+from ditcache.launch.cache_options import cache_from_args
+from ditcache.launch.models import IMAGE_MODELS, resolve_model
+from ditcache.launch.ray_cluster import DEFAULT_ENTRY, RayJobError, RayRanks, Request, RequestResult, connect
+from ditcache.parallel.config import ParallelConfig
 
 
 @dataclass
@@ -60,22 +48,22 @@ class JobResult:
     wall_time_s: float
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = generate.build_parser()
+def build_parser(prog: str = "ditcache ray-generate") -> argparse.ArgumentParser:
+    parser = generate.build_parser(prog)
     parser.description = __doc__
     # Resolved once connected: the driver may run on a node without the GPUs the ranks get.
     parser.set_defaults(device=None)
     ray_group = parser.add_argument_group("ray")
     ray_group.add_argument("--ranks", "--num-ranks", dest="ranks", type=int, help="default: cfg x sp")
     ray_group.add_argument("--address", help="join this Ray cluster ('auto', 'ray://host:10001'); default: start one")
-    ray_group.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "ray")
+    ray_group.add_argument("--output-dir", type=Path, default=Path("outputs") / "ray")
     ray_group.add_argument("--format", choices=("png", "mp4"), help="default: png for image models or --num-frames 1")
     ray_group.add_argument(
         "--request-timeout", type=float, default=600.0,
         help="seconds a request (on all its ranks) may take, and the limit for placing and starting the ranks",
     )
     ray_group.add_argument(
-        "--entry", default=DEFAULT_ENTRY, help="per-rank function: 'file.py:function' or 'module:function'"
+        "--entry", default=DEFAULT_ENTRY, help="per-rank function: 'package.module:function' or 'file.py:function'"
     )
     return parser
 
@@ -93,20 +81,21 @@ def output_suffix(args: argparse.Namespace) -> str:
 
 
 def make_requests(args: argparse.Namespace, prompts: Sequence[str]) -> list[Request]:
-    """One request per prompt: generate.py's arguments with that prompt and its own output file."""
+    """One request per prompt: generate's arguments with that prompt and its own output file."""
     suffix = output_suffix(args)
+    output_dir = args.output_dir.resolve()  # the driver's working directory, not each actor's
     requests = []
     for i, prompt in enumerate(prompts):
         rank_args = copy(args)
         rank_args.prompt, rank_args.prompts_file = [prompt], None
-        rank_args.output = args.output_dir / f"{i:03d}-{slug(prompt)}{suffix}"
+        rank_args.output = output_dir / f"{i:03d}-{slug(prompt)}{suffix}"
         rank_args.no_progress = True  # the driver shows progress over requests; rank bars would interleave
         requests.append(Request(prompt, rank_args))
     return requests
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:
-    """``--ranks`` (default: one replica) split into replicas of generate.py's ``--cfg-parallel x --sp``."""
+    """``--ranks`` (default: one replica) split into replicas of generate's ``--cfg-parallel x --sp``."""
     return ParallelConfig(args.cfg_parallel, args.sp, world_size=args.ranks or args.cfg_parallel * args.sp)
 
 
@@ -119,7 +108,8 @@ def run(args: argparse.Namespace, *, keep_frames: bool = False) -> JobResult:
         raise ParamsError("--output names one file; under Ray every prompt gets its own file in --output-dir")
     config = parallel_config(args)
     prompts = generate.read_prompts(args)
-    generate.resolve_model(args.model, args.model_dir)  # a wrong --model fails here, before any cluster
+    resolve_model(args.model, args.model_dir)  # a wrong --model or cache fails here, before any cluster
+    cache_from_args(args)
     started = time.monotonic()
     connected = connect(args.address, config.world_size)
     try:
@@ -146,8 +136,8 @@ def run(args: argparse.Namespace, *, keep_frames: bool = False) -> JobResult:
     return JobResult(results, results_file, time.monotonic() - started)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "ditcache ray-generate") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         job = run(args)
     except RayJobError as exc:

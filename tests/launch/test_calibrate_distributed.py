@@ -1,4 +1,4 @@
-"""launch/calibrate.py on 1, 2 and 4 ranks over the same prompts writes the same curve, once.
+"""``ditcache calibrate`` on 1, 2 and 4 ranks over the same prompts writes the same curve, once.
 
 Every layout runs the real entry (``calibrate.run``) on a tiny pixel-space model directory with 15
 image tokens (the SP shards are 8 + 7): CFG-parallel ranks each measure one branch, SP ranks their
@@ -9,17 +9,16 @@ rank 0 writes.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_parallel_pipeline import REPO, torchrun, write_tiny_digit_model
+from test_parallel_pipeline import torchrun, write_tiny_digit_model
 
+from ditcache.launch import calibrate
 from ditcache.parallel.testing import run_ranks, values_or_raise
 
-sys.path.insert(0, str(REPO / "launch"))
-import calibrate  # noqa: E402
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 PROMPTS = ["a handwritten 3", "seven", "digit 1", "a handwritten 8"]  # 4 batches of 1
 # name -> (world, cfg, sp): replicas are what is left, world / (cfg x sp)

@@ -1,13 +1,11 @@
-"""The Ray launcher (launch/ray_generate.py) on one local Ray cluster: same output as generate.py,
-and a rank that raises, dies or hangs fails the job with a message naming it, within the timeout."""
+"""``ditcache ray-generate`` on one local Ray cluster: same output as ``ditcache generate``, and a
+rank that raises, dies or hangs fails the job with a message naming it, within the timeout."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import textwrap
 import time
@@ -18,21 +16,12 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+from ditcache.launch import generate, ray_generate  # noqa: E402  (after the skip: it imports ray)
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 PROMPTS = ["a handwritten 3", "a handwritten 7"]
 BOOM = "a handwritten 9"  # the request on which a faulty entry fails
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, LAUNCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-ray_generate = _load("ray_generate")
-generate = sys.modules["generate"]  # imported by ray_generate from launch/
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -111,7 +100,7 @@ def test_two_actor_job_matches_single_process_runs(layout, tmp_path):
 FAULTY_ENTRY = '''
 import itertools, os, time
 from ditcache.parallel.groups import Group
-from ditcache.parallel.ray_cluster import load_entry
+from ditcache.launch.ray_cluster import load_entry
 
 def run(args):
     # On the BOOM request the last rank fails: at its third all-gather (mid-run, its CFG partner
@@ -125,7 +114,7 @@ def run(args):
         if os.environ["WORLD_SIZE"] == "1":
             fail()
         Group.all_gather = lambda *a, **k: fail() if next(calls) == 3 else all_gather(*a, **k)
-    return load_entry("launch/generate.py:run")(args)
+    return load_entry("ditcache.launch.generate:run")(args)
 '''
 # fault -> (the fault, the job: layout and prompts, what the job's error says)
 FAULTS = {
@@ -196,7 +185,7 @@ def test_cfg_pair_forms_a_process_group_per_request(tmp_path):
     from argparse import Namespace
 
     from ditcache.parallel.config import ParallelConfig
-    from ditcache.parallel.ray_cluster import RayRanks, Request
+    from ditcache.launch.ray_cluster import RayRanks, Request
 
     entry = tmp_path / "pg.py"
     entry.write_text(PROCESS_GROUP_ENTRY)

@@ -1,0 +1,59 @@
+"""One rank's place in a launch: the ``--cfg-parallel``/``--sp`` options, its process groups, its
+data-parallel share of the prompts.
+
+The launchers read the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...);
+without it they run as world 1. The Ray launcher sets the same variables on its actors, so every
+launch path goes through :func:`parallel_session`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ditcache.errors import ParamsError
+from ditcache.parallel import DEFAULT_TIMEOUT_S, ParallelGroups, destroy_parallel, init_parallel
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cfg-parallel``, ``--sp``, ``--timeout`` (read under torchrun; world 1 without it)."""
+    group = parser.add_argument_group("parallel (under torchrun; ranks beyond cfg x sp are data-parallel replicas)")
+    group.add_argument("--cfg-parallel", type=int, choices=(1, 2), default=1, help="2: one CFG branch per rank")
+    group.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (must divide the heads)")
+    group.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds a collective may wait for a peer rank"
+    )
+
+
+@contextmanager
+def parallel_session(args: argparse.Namespace) -> Iterator[tuple[ParallelGroups, torch.device]]:
+    """This rank's groups and device from the torchrun environment (world 1 without it).
+
+    The process group is destroyed on exit only if this call created it, so a caller that set one
+    up itself keeps it. CUDA devices use nccl and the rank's ``LOCAL_RANK`` GPU, anything else gloo.
+    """
+    owns_group = not dist.is_initialized()
+    backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
+    groups = init_parallel(args.cfg_parallel, args.sp, backend=backend, timeout_s=args.timeout)
+    device = groups.device if groups.is_distributed else torch.device(args.device)
+    try:
+        yield groups, device
+    finally:
+        if owns_group:
+            destroy_parallel(groups)
+
+
+def replica_share(items: list[Any], groups: ParallelGroups) -> list[Any]:
+    """The contiguous share of ``items`` that this rank's data-parallel replica serves."""
+    replicas, index = groups.config.dp_degree, groups.dp_rank
+    if len(items) < replicas:
+        raise ParamsError(
+            f"{len(items)} prompts for {replicas} data-parallel replicas (world {groups.config.world_size} / "
+            f"cfg {groups.config.cfg_degree} x sp {groups.config.sp_degree}): give at least one prompt per replica"
+        )
+    return items[index * len(items) // replicas : (index + 1) * len(items) // replicas]
