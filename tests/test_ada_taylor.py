@@ -208,7 +208,9 @@ def test_factory():
     assert isinstance(create_feature_cache("none"), NoCache)
     c = create_feature_cache("ada_taylor", model_type="Wan2.1-T2V-1.3B", num_inference_steps=50)
     assert c.n_derivatives == 1 and c.taylor_threshold == 2
-    with pytest.raises(CacheConfigError, match="ada_taylor.*calibrator.*none|calibrator"):
+    with pytest.raises(CacheConfigError, match="unknown cache 'nope'; known caches: .*ada_taylor.*calibrator.*none"):
+        create_feature_cache("nope")
+    with pytest.raises(CacheConfigError, match="'teacache' needs num_inference_steps"):
         create_feature_cache("teacache")
     with pytest.raises(CacheConfigError, match="accepts"):
         create_feature_cache("ada_taylor", model_type="Wan2.1-T2V-1.3B", order=1)

@@ -7,6 +7,7 @@ request; both look names up in the same registry, so a cache a user registers wo
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ditcache.cache.base import BaseFeatureCache
@@ -23,4 +24,11 @@ def create_feature_cache(name: str, **kwargs: Any) -> BaseFeatureCache:
         raise CacheConfigError(
             f"feature cache {name!r} does not take {unknown}; it accepts: {', '.join(accepted) or '(no arguments)'}"
         )
+    required = [
+        p.name
+        for p in inspect.signature(cache_class).parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in kwargs
+    ]
+    if required:
+        raise CacheConfigError(f"feature cache {name!r} needs {', '.join(required)}: pass them as keywords")
     return cache_class(**kwargs)
