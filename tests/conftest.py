@@ -9,6 +9,14 @@ from diffusers import WanTransformer3DModel
 TEXT_DIM = 8
 
 
+@pytest.fixture(autouse=True)
+def _isolated_user_config(tmp_path_factory, monkeypatch):
+    """Every test (and the processes it starts) gets an empty per-user config home, so nothing a
+    test calibrates lands in the real ~/.config/ditcache/params, and no user file there changes a result."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
+    monkeypatch.delenv("DITCACHE_PARAMS_DIR", raising=False)
+
+
 def tiny_wan(seed: int = 0, **overrides) -> WanTransformer3DModel:
     """A 2-layer, 2-head x 8-dim Wan transformer with random weights."""
     config = dict(

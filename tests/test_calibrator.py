@@ -84,13 +84,22 @@ def test_guidance_off_writes_cond_curve_for_both_and_says_so(tmp_path):
     assert "guidance off" in data["provenance"]["uncond_from"]
 
 
-def test_never_overwrites_a_shipped_file_unless_asked():
+def test_never_overwrites_a_shipped_file_unless_asked(tmp_path, monkeypatch):
     cal = Calibrator(4, model_name="Wan2.1-T2V-1.3B")
     feed(cal, [torch.ones(1, 2, 2) * (t + 1) for t in range(4)])
-    before = (SHIPPED_PARAMS_DIR / "Wan2_1-T2V-1_3B.json").read_text()
+    shipped = SHIPPED_PARAMS_DIR / "Wan2_1-T2V-1_3B.json"
+    before = shipped.read_text()
     with pytest.raises(ParamsError, match="shipped"):
-        cal.write()
-    assert (SHIPPED_PARAMS_DIR / "Wan2_1-T2V-1_3B.json").read_text() == before
+        cal.write(shipped)
+    assert shipped.read_text() == before
+
+
+def test_default_output_is_the_user_params_dir_not_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("DITCACHE_PARAMS_DIR", str(tmp_path))
+    cal = Calibrator(4, model_name="Wan2.1-T2V-1.3B")
+    feed(cal, [torch.ones(1, 2, 2) * (t + 1) for t in range(4)])
+    assert cal.write() == tmp_path / "Wan2_1-T2V-1_3B.json"
+    assert load_params("Wan2.1-T2V-1.3B").path == str(tmp_path / "Wan2_1-T2V-1_3B.json")
 
 
 def test_incomplete_or_empty_calibration_is_an_error():

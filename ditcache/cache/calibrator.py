@@ -21,7 +21,8 @@ from ditcache.cache.base import BaseFeatureCache, BranchStats
 from ditcache.cache.context import StepArg, branch_name, branch_of
 from ditcache.cache.registry import CacheConfig, register_cache
 from ditcache.errors import CacheConfigError, CacheStateError
-from ditcache.params.loader import SHIPPED_PARAMS_DIR, sanitize_model_name
+from ditcache.params.loader import sanitize_model_name
+from ditcache.params.userdir import default_user_params_dir
 from ditcache.params.writer import write_params
 
 BRANCHES = (True, False)  # cond, uncond: the row order of the packed statistics
@@ -127,7 +128,7 @@ class Calibrator(BaseFeatureCache):
         self.sigma_shift = sigma_shift
         self.model_name = model_name
         self.output_path = Path(output_path) if output_path else None
-        self.params_dir = Path(params_dir) if params_dir else SHIPPED_PARAMS_DIR
+        self.params_dir = Path(params_dir) if params_dir else default_user_params_dir()
         self.K = default_K(num_inference_steps) if K is None else K
         self.thresh = thresh
         self.retention_ratio = retention_ratio

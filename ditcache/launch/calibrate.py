@@ -46,9 +46,12 @@ from ditcache.cache.tune import PlanReplayer, TargetUnreachableError, tune, tune
 from ditcache.errors import CacheConfigError, DitCacheError
 from ditcache.launch.generate import read_prompts
 from ditcache.launch.models import DTYPES, load_pipeline, model_help, resolve_model
-from ditcache.launch.session import add_parallel_arguments, parallel_session
+from ditcache.launch.outputs import check_output_path, check_writable_dir
+from ditcache.launch.session import add_parallel_arguments, guidance_scale, parallel_session
 from ditcache.parallel import ParallelGroups, pool_calibration
 from ditcache.params import params_from_dict
+from ditcache.params.loader import sanitize_model_name
+from ditcache.params.userdir import default_user_params_dir
 from ditcache.params.writer import write_params
 
 # Token positions of each request the auto-tuner replays (split evenly over the SP shards).
@@ -99,7 +102,8 @@ def build_parser(prog: str = "ditcache calibrate") -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="default: the pipeline's")
     parser.add_argument("--shift", type=float, help="default: the pipeline's")
     parser.add_argument(
-        "--guidance-scale", type=float, help="<= 1: cond curve only (stated in the file); default: the pipeline's"
+        "--guidance-scale", type=guidance_scale,
+        help=">= 1; 0 or 1: cond curve only (stated in the file); default: the pipeline's",
     )
     parser.add_argument("--height", type=int, help="default: the pipeline's")
     parser.add_argument("--width", type=int, help="default: the pipeline's")
@@ -107,8 +111,15 @@ def build_parser(prog: str = "ditcache calibrate") -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1000, help="first seed; prompt batch i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=10, help="prompts per pipeline call")
     parser.add_argument("--model-name", help="model_type written into the file (default: the model's)")
-    parser.add_argument("--output", type=Path, help="params file to write (default: the shipped params dir)")
-    parser.add_argument("--overwrite-shipped", action="store_true", help="allow replacing a shipped params file")
+    parser.add_argument(
+        "--output", type=Path,
+        help="params file to write (default: <model-name>.json in the user params dir: $DITCACHE_PARAMS_DIR, "
+        "else $XDG_CONFIG_HOME/ditcache/params or ~/.config/ditcache/params)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing params file")
+    parser.add_argument(
+        "--overwrite-shipped", action="store_true", help="allow writing into ditcache's shipped params (maintainers)"
+    )
     parser.add_argument("--K", type=int, help="max consecutive skips to write (default: min(4, max(1, N // 10)))")
     parser.add_argument("--thresh", type=float, default=0.12)
     parser.add_argument("--retention-ratio", type=float, default=0.2)
@@ -166,11 +177,29 @@ def request_options(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in optional.items() if value is not None} | {"progress": False}
 
 
+def output_file(args: argparse.Namespace, model_name: str) -> Path:
+    """``--output``, else ``<model name>.json`` in the user params directory (never the installed package)."""
+    return args.output or default_user_params_dir() / f"{sanitize_model_name(model_name)}.json"
+
+
+def check_destination(args: argparse.Namespace, model_name: str | None) -> None:
+    """Refuse a params file that could not be written, before the model loads (``model_name`` None:
+    the name comes from the model, so only the folder can be checked yet)."""
+    if args.output is None and model_name is None:
+        check_writable_dir(default_user_params_dir(), "user params directory")
+        return
+    check_output_path(
+        output_file(args, model_name or ""), (".json",), overwrite=args.overwrite or args.overwrite_shipped,
+        allow_shipped=args.overwrite_shipped,
+    )
+
+
 def run(args: argparse.Namespace) -> tuple[Path | None, dict]:
     """This rank's calibration job; returns (the file rank 0 wrote, None elsewhere; the params data)."""
     family, model_dir = resolve_model(args.model, args.model_dir)
     prompts = read_prompts(args)
     dtype = DTYPES[args.dtype or "float32"]
+    check_destination(args, args.model_name)
     with parallel_session(args) as (groups, device):
         mine = replica_batches(prompts, args.batch_size, groups)
         if not mine:  # the same on every rank, so all of them stop here
@@ -180,8 +209,9 @@ def run(args: argparse.Namespace) -> tuple[Path | None, dict]:
             )
         pipe = load_pipeline(family, model_dir, device, dtype, groups)
         model_name = args.model_name or pipe.settings.model_type or "custom"
+        check_destination(args, model_name)  # the name is known now; nothing has been computed yet
         pooled = PooledCalibration(
-            sigma_shift=args.shift, model_name=model_name, output_path=args.output, K=args.K,
+            sigma_shift=args.shift, model_name=model_name, output_path=output_file(args, model_name), K=args.K,
             thresh=args.thresh, retention_ratio=args.retention_ratio,
         )
         common = request_options(args)
@@ -212,8 +242,7 @@ def run(args: argparse.Namespace) -> tuple[Path | None, dict]:
 
         if groups.rank != 0:
             return None, data
-        path = args.output or calibrator.default_output_path()
-        return write_params(data, path, overwrite_shipped=args.overwrite_shipped), data
+        return write_params(data, output_file(args, model_name), overwrite_shipped=args.overwrite_shipped), data
 
 
 def summary(path: Path, data: dict) -> str:

@@ -38,10 +38,14 @@ from ditcache.cache import CacheConfig
 from ditcache.errors import DitCacheError, ParamsError
 from ditcache.launch.cache_options import add_cache_arguments, cache_from_args
 from ditcache.launch.models import BUNDLED_MODELS, DTYPES, load_pipeline, model_help, resolve_dtype, resolve_model
-from ditcache.launch.session import add_parallel_arguments, parallel_session, replica_share
+from ditcache.launch.outputs import check_output_path, check_writable_dir
+from ditcache.launch.session import add_parallel_arguments, guidance_scale, parallel_session, replica_share
 from ditcache.parallel import ParallelGroups
 from ditcache.runtime.denoise import GenerationOutput
-from ditcache.runtime.io import save_frames
+from ditcache.runtime.io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, save_frames
+
+DEFAULT_OUTPUT_DIR = Path("outputs")
+OUTPUT_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES
 
 
 @dataclass
@@ -69,7 +73,9 @@ def build_parser(prog: str = "ditcache generate") -> argparse.ArgumentParser:
     request.add_argument("--negative-prompt")
     request.add_argument("--steps", type=int)
     request.add_argument("--seed", type=int, default=0)
-    request.add_argument("--guidance-scale", type=float, help="<= 1 turns CFG (the uncond pass) off")
+    request.add_argument(
+        "--guidance-scale", type=guidance_scale, help=">= 1; exactly 0 or 1 turns CFG (the uncond pass) off"
+    )
     request.add_argument("--shift", type=float, help="sigma shift of the flow-matching schedule")
     request.add_argument("--height", type=int)
     request.add_argument("--width", type=int)
@@ -78,7 +84,10 @@ def build_parser(prog: str = "ditcache generate") -> argparse.ArgumentParser:
 
     add_cache_arguments(parser)
 
-    parser.add_argument("--output", type=Path, help="a .png grid or .mp4 video (default: outputs/<model>-<cache>)")
+    parser.add_argument(
+        "--output", type=Path, help="a .png grid or .mp4 video (default: outputs/<model>-<cache>, replaced each run)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--telemetry", action="store_true", help="also print the per-branch cache telemetry (JSON) after the summary"
@@ -93,7 +102,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file is not None:
         if not args.prompts_file.is_file():
             raise ParamsError(f"--prompts-file {args.prompts_file} does not exist")
-        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        lines = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ParamsError(f"--prompts-file {args.prompts_file} has no prompts (every line is blank)")
+        prompts += lines
     if prompts:
         return prompts
     if args.model in BUNDLED_MODELS:
@@ -125,16 +137,30 @@ def request_kwargs(args: argparse.Namespace, prompts: list[str], cache: CacheCon
     return kwargs
 
 
+def replica_path(path: Path, groups: ParallelGroups) -> Path:
+    """``path`` suffixed ``-dp<r>`` when there are several data-parallel replicas."""
+    if groups.config.dp_degree > 1:
+        return path.with_name(f"{path.stem}-dp{groups.dp_rank}{path.suffix}")
+    return path
+
+
 def output_path(args: argparse.Namespace, output: GenerationOutput, groups: ParallelGroups) -> Path:
     """``--output`` (default ``outputs/<model>-<cache>.png|.mp4`` in the working directory), suffixed
     ``-dp<r>`` per replica."""
     path = args.output
     if path is None:
         suffix = ".png" if output.frames.shape[2] == 1 else ".mp4"
-        path = Path("outputs") / f"{args.model}-{args.cache}{suffix}"
-    if groups.config.dp_degree > 1:
-        path = path.with_name(f"{path.stem}-dp{groups.dp_rank}{path.suffix}")
-    return path
+        path = DEFAULT_OUTPUT_DIR / f"{args.model}-{args.cache}{suffix}"
+    return replica_path(path, groups)
+
+
+def check_destination(args: argparse.Namespace, groups: ParallelGroups) -> None:
+    """Refuse an output this rank's replica could not write, before the model loads (every rank checks
+    its replica's file, so the ranks of a replica fail together)."""
+    if args.output is None:
+        check_writable_dir(DEFAULT_OUTPUT_DIR, "default output directory")
+    else:
+        check_output_path(replica_path(args.output, groups), OUTPUT_SUFFIXES, overwrite=args.overwrite)
 
 
 def run(args: argparse.Namespace) -> RunResult:
@@ -146,6 +172,7 @@ def run(args: argparse.Namespace) -> RunResult:
         kwargs = request_kwargs(args, replica_share(prompts, groups), cache)
         kwargs["seed"] += groups.dp_rank
         kwargs["progress"] = kwargs["progress"] and groups.rank == 0
+        check_destination(args, groups)
         pipe = load_pipeline(family, model_dir, device, resolve_dtype(args.dtype, args.device), groups)
         output = pipe(**kwargs)
         path = None

@@ -9,6 +9,7 @@ launch path goes through :func:`parallel_session`.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,8 +27,34 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cfg-parallel", type=int, choices=(1, 2), default=1, help="2: one CFG branch per rank")
     group.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (must divide the heads)")
     group.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds a collective may wait for a peer rank"
+        "--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S, help="seconds a collective may wait for a peer rank"
     )
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """An argparse type: a finite guidance scale, >= 1 or exactly 0 (0 and 1 both mean no CFG).
+
+    A scale in (0, 1) or below 0 would silently turn classifier-free guidance off or invert it,
+    and inf/nan would turn every sample into NaN; both are refused rather than run.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or (value < 1 and value != 0):
+        raise argparse.ArgumentTypeError(f"{text} must be finite and >= 1 (or 0/1 for no guidance)")
+    return value
 
 
 @contextmanager

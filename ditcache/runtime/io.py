@@ -1,10 +1,16 @@
 """Write generated frames: a PNG grid for images, an MP4 for video (imageio-ffmpeg's bundled binary).
 
-Frames come as ``[B, C, F, H, W]`` floats in [0, 1] (what the pipelines return).
+Frames come as ``[B, C, F, H, W]`` floats in [0, 1] (what the pipelines return). Every file is
+written beside its destination under a temporary name and renamed over it when complete, so a
+killed or failed write never leaves a truncated image or video where a reader expects one.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +21,29 @@ from ditcache.errors import ParamsError
 
 IMAGE_SUFFIXES = (".png",)
 VIDEO_SUFFIXES = (".mp4",)
+
+
+@contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix, so writers pick the format) that replaces
+    ``path`` when the block completes and is removed when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -61,8 +90,8 @@ def save_png_grid(frames: torch.Tensor, path: str | Path, columns: int | None = 
         columns = num_frames if num_frames > 1 else int(np.ceil(np.sqrt(batch)))
     grid = tile(pixels.reshape(-1, *pixels.shape[2:]), columns)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    with atomic_target(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
     return path
 
 
@@ -79,10 +108,10 @@ def save_mp4(frames: torch.Tensor, path: str | Path, fps: int = 16, scale: int =
     height, width = video[0].shape[:2]
     video = [np.pad(v, ((0, height % 2), (0, width % 2), (0, 0))) for v in video]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1, pixelformat="yuv420p") as writer:
-        for frame in video:
-            writer.append_data(frame)
+    with atomic_target(path) as tmp:
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, pixelformat="yuv420p") as writer:
+            for frame in video:
+                writer.append_data(frame)
     return path
 
 

@@ -78,7 +78,7 @@ def test_generate_subcommand_takes_any_registered_cache_with_options(tmp_path):
 def test_a_user_registered_cache_is_usable_by_name(tmp_path, capsys):
     module = tmp_path / "my_caches.py"
     module.write_text(SOURCE)
-    common = [*STEPS, "--cache", "every_nth", "--output", str(tmp_path / "a.png")]
+    common = [*STEPS, "--cache", "every_nth", "--output", str(tmp_path / "a.png"), "--overwrite"]
     # a file path, in this process
     assert generate.main([*common, "--import", str(module), "--cache-option", "every=3"]) == 0
     assert "cond: 2 computed / 4 skipped" in capsys.readouterr().out
