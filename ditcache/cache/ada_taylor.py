@@ -14,8 +14,12 @@ Two forecasts, equal for orders 0 and 1 (``taylor_form``):
   at equal spacing its quadratic term is ``e / (e + window)`` times Newton's. A model's residuals
   are not polynomials, so which form forecasts better is measured, not derived.
 
-Everything is kept in fp32 whatever the model dtype: bf16 differences of nearly equal tensors lose
-most of their bits.
+Storage (``cache_dtype``): fp32 by default whatever the model dtype, because bf16 differences of
+nearly equal tensors lose most of their bits; ``"model"`` stores in the model's dtype (half the
+memory under bf16) while every difference and forecast is still computed in fp32. ``offload="cpu"``
+keeps the stored tensors in host memory (pinned when CUDA is present) while the block stack runs and
+copies them back to the model's device, asynchronously, when a skipped step is decided: the device
+holds them only during skipped steps, when no block activations compete for memory.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ from ditcache.params import CacheParams, load_params, params_from_dict
 
 
 TAYLOR_FORMS = ("newton", "taylor")
+CACHE_DTYPES = ("float32", "model")
+OFFLOADS = (None, "cpu")
+
+
+def _check_storage(cache_dtype: str, offload: str | None) -> None:
+    if cache_dtype not in CACHE_DTYPES:
+        raise CacheConfigError(f"cache_dtype must be one of {CACHE_DTYPES}, got {cache_dtype!r}")
+    if offload not in OFFLOADS:
+        raise CacheConfigError(f"offload must be None or 'cpu', got {offload!r}")
 
 
 def _check_order(n_derivatives: int, taylor_threshold: int, taylor_form: str) -> None:
@@ -60,6 +73,9 @@ class _BranchState:
     differences: list[torch.Tensor] = field(default_factory=list)  # f[t0], f[t0,t1], f[t0,t1,t2] ...
     support: list[int] = field(default_factory=list)  # t0 > t1 > ...: the computed steps they span
     stats: BranchStats = field(default_factory=BranchStats)
+    # with offload: the model's device, and the differences copied back there for skipped steps
+    device: torch.device | None = None
+    resident: list[torch.Tensor] | None = None
 
 
 class AdaTaylorCache(BaseFeatureCache):
@@ -78,6 +94,8 @@ class AdaTaylorCache(BaseFeatureCache):
         taylor_threshold: largest distance (in steps) from the last computed step at which the
             Taylor forecast is used; further away the last residual is reused.
         taylor_form: "newton" or "taylor", the order >= 2 forecast (see the module docstring).
+        cache_dtype: "float32" or "model": the dtype the residuals are stored in.
+        offload: None or "cpu": keep the residuals in host memory between skipped steps.
         init_step: first step this cache is asked about. Steps before it belong to another model
             (Wan2.2's high-noise expert), so the step counter starts there, and that step always
             computes: no residual is carried across an expert switch.
@@ -104,6 +122,8 @@ class AdaTaylorCache(BaseFeatureCache):
         params_dir: str | None = None,
         *,
         taylor_form: str = "newton",
+        cache_dtype: str = "float32",
+        offload: str | None = None,
         sigmas: Sequence[float] | None = None,
         resample: str = "auto",
         params: CacheParams | None = None,
@@ -119,7 +139,10 @@ class AdaTaylorCache(BaseFeatureCache):
         if num_inference_steps is None:
             num_inference_steps = self.params.default_steps or self.params.num_inference_steps
         _check_order(n_derivatives, taylor_threshold, taylor_form)
+        _check_storage(cache_dtype, offload)
         self.taylor_form = taylor_form
+        self.cache_dtype = cache_dtype
+        self.offload = offload
         self.num_inference_steps = num_inference_steps
         self.n_derivatives = n_derivatives
         self.taylor_threshold = taylor_threshold
@@ -229,7 +252,24 @@ class AdaTaylorCache(BaseFeatureCache):
         state.step += 1
         compute = state.step in state.compute_steps
         (state.stats.computed_steps if compute else state.stats.skipped_steps).append(state.step)
+        if self.offload is not None:
+            self._stage(state, resident=not compute)
         return compute
+
+    def _stage(self, state: _BranchState, resident: bool) -> None:
+        """Offload: copy the differences back to the device for a skipped step, drop them for a computed one."""
+        if not resident:
+            state.resident = None
+        elif state.resident is None and state.device is not None:
+            state.resident = [d.to(state.device, non_blocking=True) for d in state.differences]
+
+    def _store(self, tensor: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
+        """``tensor`` (fp32, on the model's device) as kept between steps: storage dtype, then place."""
+        stored = tensor if self.cache_dtype == "float32" else tensor.to(model_dtype)
+        if self.offload is None:
+            return stored
+        host = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=torch.cuda.is_available())
+        return host.copy_(stored, non_blocking=True)
 
     def update(self, output: torch.Tensor, ori_input: torch.Tensor, ctx: StepArg) -> None:
         is_cond = branch_of(ctx)
@@ -241,9 +281,11 @@ class AdaTaylorCache(BaseFeatureCache):
         newton = self.taylor_form == "newton"
         for i in range(min(self.n_derivatives, len(state.differences))):
             span = state.step - state.support[i if newton else 0]
-            differences.append((differences[i] - state.differences[i]) / span)
-        state.differences = differences
+            previous = state.differences[i].to(residual.device, torch.float32, non_blocking=True)
+            differences.append((differences[i] - previous) / span)
+        state.differences = [self._store(d, output.dtype) for d in differences]
         state.support = [state.step, *state.support][: self.n_derivatives + 1]
+        state.device, state.resident = residual.device, None
 
     def approximate(self, input: torch.Tensor, ctx: StepArg) -> torch.Tensor:
         is_cond = branch_of(ctx)
@@ -253,19 +295,20 @@ class AdaTaylorCache(BaseFeatureCache):
                 f"approximate() on the {branch_name(is_cond)} branch at step {state.step} with nothing cached: "
                 "the first step of a branch must be computed"
             )
+        differences = state.differences if state.resident is None else state.resident
         elapsed = state.step - state.support[0]
-        if elapsed > self.taylor_threshold or len(state.differences) == 1:
+        if elapsed > self.taylor_threshold or len(differences) == 1:
             state.stats.reuse_approximations += 1
-            forecast = state.differences[0]
+            forecast = differences[0].to(input.device, torch.float32)
         else:
             state.stats.taylor_approximations += 1
-            forecast = state.differences[0].clone()
+            forecast = differences[0].to(input.device, torch.float32, copy=True)
             weight = 1.0
-            for order in range(1, len(state.differences)):
+            for order in range(1, len(differences)):
                 # Newton: prod_{j<order} (step - t_j); Taylor: elapsed^order / order!
                 gap = state.step - state.support[order - 1] if self.taylor_form == "newton" else elapsed / order
                 weight *= gap
-                forecast.add_(state.differences[order], alpha=weight)
+                forecast.add_(differences[order].to(input.device, torch.float32), alpha=weight)
         return (input.float() + forecast).to(input.dtype)
 
     # -- telemetry --------------------------------------------------------------------------------
@@ -281,13 +324,21 @@ class AdaTaylorCache(BaseFeatureCache):
                 "planned_compute_steps": self.planned_compute_steps(c),
                 "plan_source": self.plan_source,
                 "resample_rule": self.resample_rule,
+                "device_bytes": self.branch_device_bytes(c),
+                "stored_bytes": sum(d.numel() * d.element_size() for d in s.differences),
             }
             for c, s in sorted(self._branches.items(), reverse=True)
             if s.stats.computed_steps or s.stats.skipped_steps
         }
 
     def memory_bytes(self) -> int:
-        return sum(d.numel() * d.element_size() for s in self._branches.values() for d in s.differences)
+        """Bytes this cache holds on the model's device now (host copies under offload not counted)."""
+        return sum(self.branch_device_bytes(c) for c in self._branches)
+
+    def branch_device_bytes(self, is_cond: bool) -> int:
+        state = self._branches[is_cond]
+        on_device = state.differences if self.offload is None else (state.resident or [])
+        return sum(d.numel() * d.element_size() for d in on_device)
 
 
 @register_cache
@@ -307,6 +358,8 @@ class AdaTaylorConfig(CacheConfig):
     n_derivatives: int = 1
     taylor_threshold: int = 2
     taylor_form: str = "newton"
+    cache_dtype: str = "float32"
+    offload: str | None = None
     params_dir: str | None = None
     resample: str = "auto"
     params: CacheParams | None = None
@@ -318,6 +371,7 @@ class AdaTaylorConfig(CacheConfig):
 
     def __post_init__(self) -> None:
         _check_order(self.n_derivatives, self.taylor_threshold, self.taylor_form)
+        _check_storage(self.cache_dtype, self.offload)
         for name in ("cond_mag_ratios", "uncond_mag_ratios"):
             value = getattr(self, name)
             if value is not None:
