@@ -33,7 +33,15 @@ class StepSyncError(DitCacheError, RuntimeError):
 
 
 class CollectiveError(DitCacheError, RuntimeError):
-    """A collective did not complete in time or failed: a peer rank diverged, raised or died."""
+    """A collective did not complete in time or failed: a peer rank diverged, raised or died.
+
+    ``cause`` says which in words ("timed out after 20 s", "a peer closed its connection: ..."), so
+    messages built on top of this one keep it.
+    """
+
+    def __init__(self, message: str, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class RequestMismatchError(DitCacheError, ValueError):

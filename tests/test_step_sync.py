@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -98,6 +99,20 @@ def _sp_only_cases(rank: int, world: int) -> dict:
     return out
 
 
+def _killed_peer_case(rank: int, world: int) -> tuple[str, float] | None:
+    groups = init_parallel(1, 2, timeout_s=20)
+    sync = StepSync.for_groups(groups)
+    sync.check(True, 0, True)  # both ranks are up and connected
+    if rank == 1:
+        os._exit(9)  # dies like a SIGKILL: no cleanup, its sockets close
+    start = time.monotonic()
+    try:
+        sync.check(True, 1, True)
+    except StepSyncError as exc:
+        return str(exc), time.monotonic() - start
+    return None
+
+
 @pytest.fixture(scope="module")
 def cfg2_sp2() -> list[dict]:
     return values_or_raise(run_ranks(_cfg_sp_cases, 4, timeout_s=240))
@@ -148,4 +163,15 @@ def test_data_dependent_cache_is_caught(sp2):
 def test_missing_peer_times_out_with_step_sync_error(sp2):
     message, waited = sp2[0]["timeout"]
     assert "step sync at step 7 (cond branch) did not complete" in message
+    assert "timed out after 3 s" in message
     assert waited < 5  # the 3 s deadline, not rank 1 finishing its sleep
+
+
+@pytest.mark.distributed
+def test_a_killed_peer_is_reported_as_gone_not_as_slow():
+    survivor, killed = run_ranks(_killed_peer_case, 2, timeout_s=120)
+    assert killed.error_type == "Died"
+    message, waited = survivor.value
+    assert "step sync at step 1 (cond branch) did not complete" in message
+    assert "a peer closed its connection: it exited or crashed" in message
+    assert waited < 20, "the survivor learns of the death from the closed socket, not the deadline"

@@ -308,11 +308,11 @@ def _gather(group: Group, check: str, gather: Callable[[], list[T]]) -> list[T]:
     try:
         return gather()
     except CollectiveError as exc:
-        raise CollectiveError(_no_answer(group, check, prefix, exc)) from exc
+        raise CollectiveError(_no_answer(group, check, prefix, exc), exc.cause) from exc
 
 
 def _no_answer(group: Group, check: str, prefix: str, exc: CollectiveError) -> str:
-    cause = _cause(exc, group.timeout.total_seconds())
+    cause = exc.cause or str(exc)
     missing = _missing(group, prefix)
     if missing is None:
         who = f"the exchange failed ({cause})"
@@ -325,17 +325,6 @@ def _no_answer(group: Group, check: str, prefix: str, exc: CollectiveError) -> s
         f"{check} over the {group.describe()} failed on rank {group.global_rank}: {who}; the first error "
         "printed by the other ranks says why"
     )
-
-
-def _cause(exc: CollectiveError, timeout_s: float) -> str:
-    """Timed out, or lost a peer, in words (gloo and nccl spell both in their error text)."""
-    text = str(exc.__cause__ or "")  # the backend's own error; ours repeats the deadline in any case
-    lowered = text.lower()
-    if "timed out" in lowered or "timeout" in lowered:
-        return f"timed out after {timeout_s:g} s"
-    if any(word in lowered for word in ("connection closed", "connection reset", "broken pipe", "remote process")):
-        return "a peer closed its connection: it exited or crashed"
-    return text.splitlines()[0][:200] if text.strip() else "no detail from the backend"
 
 
 def _store() -> dist.Store | None:

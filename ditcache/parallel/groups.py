@@ -99,11 +99,24 @@ class Group:
         try:
             start().wait(self.timeout)
         except RuntimeError as exc:  # gloo/nccl timeouts and peer failures are RuntimeErrors
+            cause = failure_cause(exc, self.timeout.total_seconds())
             raise CollectiveError(
-                f"{op} over the {self.describe()} failed on global rank {self.global_rank} "
-                f"(timeout {self.timeout.total_seconds():g} s): {exc}. Another rank of this group "
-                f"probably raised, died, or is waiting in a different collective"
+                f"{op} over the {self.describe()} failed on global rank {self.global_rank}: {cause}; "
+                "another rank of this group raised, died, or is waiting in a different collective",
+                cause,
             ) from exc
+
+
+def failure_cause(exc: BaseException, timeout_s: float) -> str:
+    """A backend's collective error in words: timed out, or lost a peer (gloo and nccl spell both
+    in their error text), else the first line of the backend's own message."""
+    text = str(exc)
+    lowered = text.lower()
+    if "timed out" in lowered or "timeout" in lowered:
+        return f"timed out after {timeout_s:g} s"
+    if any(word in lowered for word in ("connection closed", "connection reset", "broken pipe", "remote process")):
+        return "a peer closed its connection: it exited or crashed"
+    return text.splitlines()[0][:200] if text.strip() else "no detail from the backend"
 
 
 def _single_group(name: str, rank: int, timeout: datetime.timedelta) -> Group:

@@ -75,9 +75,8 @@ class StepSync:
         except CollectiveError as exc:
             raise StepSyncError(
                 f"{self.label}: step sync at step {step} ({branch_name(is_cond)} branch) did not complete on "
-                f"global rank {self.group.global_rank}: some rank of the {self.group.describe()} did not reach "
-                f"this check within {self.group.timeout.total_seconds():g} s (it raised, died, or made a "
-                f"different number of cache decisions)"
+                f"global rank {self.group.global_rank}: {exc.cause or exc}; some rank of the "
+                f"{self.group.describe()} raised, died, or made a different number of cache decisions"
             ) from exc
         rows = [dict(zip(_FIELDS, t.tolist())) for t in gathered]
         problems = self._problems(rows)
