@@ -44,6 +44,10 @@ class CollectiveError(DitCacheError, RuntimeError):
         self.cause = cause
 
 
+class RendezvousError(CollectiveError):
+    """The job's ranks did not all join its process group in time (the message names the missing ones)."""
+
+
 class RequestMismatchError(DitCacheError, ValueError):
     """Ranks that serve one job were given different requests (seed, steps, guidance, params, ...)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from ditcache.cache.base import BaseFeatureCache
 from ditcache.cache.none import NoCache
-from ditcache.errors import StepSyncError
+from ditcache.errors import RendezvousError, StepSyncError
 from ditcache.parallel import CfgParallel, ParallelGroups, StepSync, SyncedCache, init_parallel
 from ditcache.parallel.testing import run_ranks, values_or_raise
 
@@ -175,3 +176,23 @@ def test_a_killed_peer_is_reported_as_gone_not_as_slow():
     assert "step sync at step 1 (cond branch) did not complete" in message
     assert "a peer closed its connection: it exited or crashed" in message
     assert waited < 20, "the survivor learns of the death from the closed socket, not the deadline"
+
+
+def _late_rank_case(rank: int, world: int) -> str | None:
+    if rank == 1:
+        time.sleep(3.5)  # starts after rank 0's deadline
+        return None
+    try:
+        init_parallel(1, 1, timeout_s=2)
+    except RendezvousError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.distributed
+def test_a_rank_that_never_joins_is_named_at_setup():
+    first, _ = values_or_raise(run_ranks(_late_rank_case, 2, timeout_s=120))
+    assert re.fullmatch(
+        r"rank 0: rank 1 of 2 did not join the job at 127\.0\.0\.1:\d+ within 2 s; start every rank \(or raise --timeout\)",
+        first,
+    ), first

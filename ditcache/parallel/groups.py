@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ditcache.errors import CacheConfigError, CollectiveError
 from ditcache.parallel.config import ParallelConfig, RankCoords
 from ditcache.parallel.fingerprint import check_layout
+from ditcache.parallel.rendezvous import join_store
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -247,7 +248,12 @@ def init_parallel(
     if config.world_size == 1 and not dist.is_initialized():
         return ParallelGroups.single(device, timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        rank = int(os.environ.get("RANK", "0"))
+        store = join_store(rank, config.world_size, timeout_s)
+        dist.init_process_group(
+            backend=backend, store=store, rank=rank, world_size=config.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     # On the default group before any subgroup: ranks with different layouts would otherwise wait
     # forever in group creations their peers never start.
     ranks, timeout = tuple(range(dist.get_world_size())), datetime.timedelta(seconds=timeout_s)
