@@ -91,3 +91,29 @@ def test_a_calibrator_passed_to_the_pipeline_records_the_run_sigmas(pipe):
     assert params_from_dict(cal.result()).sigmas is not None
     with pytest.raises(CacheConfigError, match="different sigma"):
         pipe(prompt="a handwritten 4", num_inference_steps=10, sigma_shift=3.0, cache=cal, progress=False)
+
+
+def _output(cfg_parallel: bool):
+    from ditcache.runtime.denoise import GenerationOutput
+
+    # cond ran 10 of 40 passes in 1 s, uncond 20 of 40 in 4 s; the request took 6 s
+    return GenerationOutput(
+        frames=torch.zeros(1, 1, 1, 1, 1),
+        cache_stats={},
+        stack_passes={"transformer": {"cond": 10, "uncond": 20}},
+        branch_steps={"cond": 40, "uncond": 40},
+        expert_steps={"transformer": list(range(40))},
+        cache_memory_bytes={},
+        sigmas=[],
+        timesteps=[0.0] * 40,
+        wall_time_s=6.0,
+        stack_seconds={"transformer": {"cond": 1.0, "uncond": 4.0}},
+        cfg_parallel=cfg_parallel,
+    )
+
+
+def test_wall_estimate_counts_one_rank_s_skipped_passes_under_cfg_parallel():
+    # one rank: both branches' skipped passes (30 x 0.1 s + 20 x 0.2 s) would have run in turn
+    assert _output(False).telemetry()["estimated_wall_speedup"] == pytest.approx((6 + 3 + 4) / 6)
+    # CFG-parallel: the branches run side by side; the slower lane (uncond: 20 x 0.2 s) bounds the run
+    assert _output(True).telemetry()["estimated_wall_speedup"] == pytest.approx((6 + 4) / 6)

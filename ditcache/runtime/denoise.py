@@ -50,7 +50,8 @@ class GenerationOutput:
     Wan2.2) and then by branch ("cond", "uncond"), for the whole request (under CFG-parallel the cfg
     pair exchanges them); ``stack_passes`` counts real block-stack runs, ``branch_steps`` the steps
     each branch was asked for. ``cache_memory_bytes`` is what this rank's caches hold (its branch,
-    its token shard). ``layout`` names the parallel layout the request ran on.
+    its token shard). ``layout`` names the parallel layout the request ran on; ``cfg_parallel`` says
+    whether the two branches ran on different ranks at the same time.
     """
 
     frames: torch.Tensor
@@ -64,6 +65,7 @@ class GenerationOutput:
     wall_time_s: float
     layout: str = SINGLE_PROCESS
     stack_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # expert -> branch -> s
+    cfg_parallel: bool = False
 
     def total_stack_passes(self) -> dict[str, int]:
         """Block-stack runs per branch, summed over experts."""
@@ -79,7 +81,9 @@ class GenerationOutput:
         ``predicted_speedup`` is block passes uncached / planned; ``block_pass_speedup`` the same with
         the passes that really ran (counted by the adapters, not taken from the caches);
         ``estimated_wall_speedup`` is (wall time + skipped passes x mean measured pass time) / wall
-        time: the uncached wall time estimated from this very run, without running it.
+        time: the uncached wall time estimated from this very run, without running it. Under
+        CFG-parallel each branch runs on its own ranks at the same time, so only the slower branch's
+        skipped passes would have lengthened the run: per rank, not the sum over both branches.
         """
         passes = self.total_stack_passes()
         branches: dict[str, dict[str, Any]] = {}
@@ -101,7 +105,7 @@ class GenerationOutput:
         planned_passes = sum(len(b["planned_compute_steps"]) or b["block_passes"] for b in branches.values())
         stack_time = sum(t for per_branch in self.stack_seconds.values() for t in per_branch.values())
         per_pass = stack_time / ran if ran else 0.0
-        estimated_uncached = self.wall_time_s + (asked - ran) * per_pass
+        estimated_uncached = self.wall_time_s + max(self._skipped_seconds(lane) for lane in self._lanes())
         return {
             "branches": branches,
             "cache_memory_bytes": sum(self.cache_memory_bytes.values()),
@@ -112,6 +116,21 @@ class GenerationOutput:
             "wall_time_s": self.wall_time_s,
             "layout": self.layout,
         }
+
+    def _lanes(self) -> list[list[str]]:
+        """Branches that run one after the other on a rank: each branch alone under CFG-parallel."""
+        names = list(self.branch_steps)
+        return [[name] for name in names] if self.cfg_parallel else [names]
+
+    def _skipped_seconds(self, lane: list[str]) -> float:
+        """The stack time the skipped passes of ``lane`` would have taken, each branch at its mean pass time."""
+        passes = self.total_stack_passes()
+        total = 0.0
+        for name in lane:
+            seconds = sum(per_branch.get(name, 0.0) for per_branch in self.stack_seconds.values())
+            if passes[name]:
+                total += (self.branch_steps[name] - passes[name]) * seconds / passes[name]
+        return total
 
     def summary(self) -> str:
         """One line: steps computed/skipped per branch, block passes saved, speedup, wall time, layout."""
@@ -379,6 +398,7 @@ class DenoisingPipeline:
             wall_time_s=wall,
             layout=self.layout,
             stack_seconds=stack_seconds,
+            cfg_parallel=self.parallel.config.cfg_degree == 2,
         )
         if request.params_cache and output.total_stack_passes() == output.branch_steps:
             warnings.warn(
