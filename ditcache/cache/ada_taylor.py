@@ -331,6 +331,10 @@ class AdaTaylorCache(BaseFeatureCache):
             if s.stats.computed_steps or s.stats.skipped_steps
         }
 
+    def release(self) -> None:
+        for state in self._branches.values():
+            state.differences, state.resident = [], None
+
     def memory_bytes(self) -> int:
         """Bytes this cache holds on the model's device now (host copies under offload not counted)."""
         return sum(self.branch_device_bytes(c) for c in self._branches)

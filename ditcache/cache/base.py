@@ -82,3 +82,8 @@ class BaseFeatureCache(ABC):
     def memory_bytes(self) -> int:
         """Bytes held in cached tensors right now."""
         return 0
+
+    def release(self) -> None:
+        """Drop the cached tensors but keep the request's telemetry: called when this cache's model
+        has run its last step of the request (a Wan2.2 expert at the switch), so the memory is free
+        for the rest of the run. The cache must not be asked to approximate again before ``reset``."""

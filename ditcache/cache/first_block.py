@@ -106,6 +106,10 @@ class FirstBlockCache(BaseFeatureCache):
             if s.stats.computed_steps or s.stats.skipped_steps
         }
 
+    def release(self) -> None:
+        for state in self._branches.values():
+            state.first_residual = state.tail_residual = None
+
     def memory_bytes(self) -> int:
         held = [t for s in self._branches.values() for t in (s.first_residual, s.tail_residual) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)

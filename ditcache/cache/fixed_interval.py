@@ -125,6 +125,10 @@ class FixedIntervalTaylorCache(BaseFeatureCache):
             if s.stats.computed_steps or s.stats.skipped_steps
         }
 
+    def release(self) -> None:
+        for state in self._branches.values():
+            state.factors = []
+
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self._branches.values() for t in s.factors)
 

@@ -183,6 +183,10 @@ class TeaCacheRule(BaseFeatureCache):
             if s.stats.computed_steps or s.stats.skipped_steps
         }
 
+    def release(self) -> None:
+        for state in self._branches.values():
+            state.residual = state.previous_signal = None
+
     def memory_bytes(self) -> int:
         held = [t for s in self._branches.values() for t in (s.residual, s.previous_signal) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)

@@ -173,3 +173,6 @@ class SyncedCache(BaseFeatureCache):
 
     def memory_bytes(self) -> int:
         return self.cache.memory_bytes()
+
+    def release(self) -> None:
+        self.cache.release()

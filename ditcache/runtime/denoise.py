@@ -89,7 +89,16 @@ class GenerationOutput:
         branches: dict[str, dict[str, Any]] = {}
         for name, steps in self.branch_steps.items():
             per_expert = [stats[name] for stats in self.cache_stats.values() if name in stats]
-            planned = sorted({s for st in per_expert for s in st.get("planned_compute_steps", st.get("computed_steps", []))})
+            # an expert's cache plans the whole run; only the steps that expert runs are its plan
+            planned = sorted(
+                {
+                    s
+                    for expert, stats in self.cache_stats.items()
+                    if name in stats
+                    for s in stats[name].get("planned_compute_steps", stats[name].get("computed_steps", []))
+                    if s in self.expert_steps.get(expert, range(steps))
+                }
+            )
             computed = sorted({s for st in per_expert for s in st.get("computed_steps", [])})
             branches[name] = {
                 "planned_compute_steps": planned,
@@ -352,6 +361,14 @@ class DenoisingPipeline:
         schedule = request.schedule
         integrate = request.integrate or schedule.step
         show = progress and self.parallel.rank == 0
+        # An expert that hands over to another for the rest of the run frees its cache at the switch.
+        last_step = {name: step for step, name in enumerate(request.experts)}
+        handovers = {
+            step: request.caches[name]
+            for name, step in last_step.items()
+            if step < schedule.num_steps - 1
+            and sum(cache is request.caches[name] for cache in request.caches.values()) == 1  # not shared
+        }
         for step in tqdm(range(schedule.num_steps), desc="denoising", disable=not show):
             expert = request.experts[step]
             adapter, cache = self.adapters[expert], request.caches[expert]
@@ -373,6 +390,8 @@ class DenoisingPipeline:
                 predictions[is_cond] = request.prediction(prediction.float())
             velocity = cfg.combine(predictions, request.guidance_scale, request.guidance_rule)
             latents = integrate(latents, velocity, step)
+            if step in handovers:
+                handovers[step].release()
         return latents
 
     # -- the report -------------------------------------------------------------------------------
