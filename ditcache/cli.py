@@ -18,10 +18,12 @@ import importlib
 import json
 import sys
 
-from ditcache.cache.ada_taylor import AdaTaylorCache
+from ditcache.cache.ada_taylor import AdaTaylorConfig
+from ditcache.cache.plan import plan_run
 from ditcache.cache.context import branch_name
-from ditcache.errors import DitCacheError
+from ditcache.errors import CacheConfigError, DitCacheError
 from ditcache.params import list_models, load_params
+from ditcache.runtime.scheduler import experts_by_boundary, flow_match_schedule
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -57,36 +59,55 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if source is None:
         raise SystemExit("ditcache plan: give --model NAME or --params-file FILE (see `ditcache list`)")
     params = load_params(source, args.params_dir)
-    cache = AdaTaylorCache(
-        params=params,
-        num_inference_steps=args.steps,
-        n_derivatives=args.n_derivatives,
-        taylor_threshold=args.taylor_threshold,
+    steps = args.steps if args.steps is not None else (params.default_steps or params.num_inference_steps)
+    if steps < 1:
+        raise CacheConfigError(f"num_inference_steps must be an integer >= 1, got {steps}")
+    boundary = args.boundary_ratio if args.boundary_ratio is not None else params.boundary_ratio
+    shift = args.shift or params.default_shift or params.sigma_shift
+    schedule = None if shift is None else flow_match_schedule(steps, shift)
+    if boundary is not None:
+        if schedule is None:
+            raise SystemExit("ditcache plan: a two-expert plan needs the run's --shift (the expert switch depends on it)")
+        experts = experts_by_boundary(schedule.timesteps, boundary)
+    else:
+        experts = ["transformer"] * steps
+    config = AdaTaylorConfig(
+        params=params, n_derivatives=args.n_derivatives, taylor_threshold=args.taylor_threshold
     )
-    steps = cache.num_inference_steps
     branches = [True] if args.no_cfg else [True, False]
-    plan = {branch_name(c): cache.planned_compute_steps(c) for c in branches}
+    sigmas = None if schedule is None else schedule.sigmas[:-1].tolist()
+    per_expert = plan_run(config, experts, sigmas, branches)
+    plan = {
+        branch_name(c): sorted(s for expert in per_expert.values() for s in expert[branch_name(c)]) for c in branches
+    }
     computed = sum(len(v) for v in plan.values())
     result = {
         "model_type": params.model_type,
         "num_inference_steps": steps,
+        "sigma_shift": shift,
         "K": params.K,
         "thresh": params.thresh,
         "retention_ratio": params.retention_ratio,
         "compute_steps": plan,
-        "skip_steps": {branch_name(c): cache.planned_skip_steps(c) for c in branches},
+        "skip_steps": {name: [s for s in range(steps) if s not in set(v)] for name, v in plan.items()},
+        "experts": {name: {"steps": [i for i, e in enumerate(experts) if e == name], "compute_steps": p}
+                    for name, p in per_expert.items()},
         "block_passes": {"uncached": steps * len(branches), "cached": computed},
         "ideal_speedup": steps * len(branches) / computed,
         "calibrated_steps": params.num_inference_steps,
-        "sigma_shift": params.sigma_shift,
+        "boundary_ratio": boundary,
         "provenance": params.provenance,
         "path": params.path,
     }
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    print(f"{params.model_type}: {steps} steps (curve calibrated at {params.num_inference_steps}), "
+    at = f", shift {shift:g}" if shift is not None else ""
+    print(f"{params.model_type}: {steps} steps{at} (curve calibrated at {params.num_inference_steps}), "
           f"K={params.K} thresh={params.thresh} retention={params.retention_ratio}")
+    if len(per_expert) > 1:
+        for name, info in result["experts"].items():
+            print(f"  {name}: steps {info['steps'][0]}-{info['steps'][-1]} (boundary {boundary:g})")
     for name, compute in plan.items():
         skipped = result["skip_steps"][name]
         print(f"  {name:<6} compute {len(compute):>3}: {compute}")
@@ -125,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
     p_plan.add_argument("--n-derivatives", type=int, default=1)
     p_plan.add_argument("--taylor-threshold", type=int, default=2)
+    p_plan.add_argument("--shift", type=float, help="sigma shift of the run (default: the params' default_shift or sigma_shift)")
+    p_plan.add_argument(
+        "--boundary-ratio", type=float, help="two-expert models: the expert switch (default: the params' boundary_ratio)"
+    )
     p_plan.add_argument("--no-cfg", action="store_true", help="guidance off: only the cond branch runs")
     p_plan.add_argument("--json", action="store_true")
     p_plan.set_defaults(func=_cmd_plan)

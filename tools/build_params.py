@@ -41,6 +41,15 @@ MODELS: list[tuple[str, int, str, str | None, str]] = [
 ]
 
 
+# Two-expert models: Wan2.2's published inference configs (wan/configs/wan_t2v_A14B.py and
+# wan_i2v_A14B.py: boundary, sample_shift). FL2V runs the I2V-A14B experts.
+WAN22_EXPERTS = {
+    "Wan2.2-T2V-A14B": (0.875, 12.0, "wan/configs/wan_t2v_A14B.py"),
+    "Wan2.2-I2V-A14B": (0.900, 5.0, "wan/configs/wan_i2v_A14B.py"),
+    "Wan2.2-FL2V-A14B": (0.900, 5.0, "wan/configs/wan_i2v_A14B.py (FL2V runs the I2V-A14B experts)"),
+}
+
+
 def build_one(model_type: str, default_steps: int, src: Path, proxy: str | None, note: str) -> dict:
     raw = json.loads(src.read_text())
     provenance: dict = {"source_file": src.name, "proxy": proxy is not None}
@@ -86,6 +95,10 @@ def build_one(model_type: str, default_steps: int, src: Path, proxy: str | None,
         "uncond_mag_ratios": uncond,
         "provenance": provenance,
     }
+    if model_type in WAN22_EXPERTS:
+        boundary, sample_shift, config = WAN22_EXPERTS[model_type]
+        data.update(boundary_ratio=boundary, default_shift=sample_shift)
+        provenance["experts_source"] = f"Wan-Video/Wan2.2 {config}: boundary, sample_shift"
     params_from_dict(data, source=f"{model_type} (from {src.name})")
     return data
 

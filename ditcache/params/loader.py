@@ -54,6 +54,10 @@ class CacheParams:
     sigma_shift: float | None = None
     default_steps: int | None = None
     sigmas: tuple[float, ...] | None = None  # noise level of each calibrated step, when recorded
+    # two-expert models (Wan2.2 A14B): the model's switch (timestep >= boundary_ratio * 1000 runs the
+    # high-noise expert) and its default sigma shift, so a plan can be made without the model
+    boundary_ratio: float | None = None
+    default_shift: float | None = None
     # tuned placement of the computed steps for one step count: {"num_inference_steps": N,
     # "cond": [...], "uncond": [...]}; used instead of the threshold rule when a run has N steps
     compute_steps: dict[str, Any] | None = None
@@ -292,6 +296,14 @@ def params_from_dict(data: Any, source: str = "<params>", default_model_type: st
     sigmas = data.get("sigmas")
     if sigmas is not None:
         sigmas = _check_sigmas(sigmas, len(cond), source)
+    boundary = data.get("boundary_ratio")
+    if boundary is not None and (isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or not 0 < boundary <= 1):
+        raise ParamsError(f"{source}: 'boundary_ratio' must be a number in (0, 1] or null, got {boundary!r}")
+    default_shift = data.get("default_shift")
+    if default_shift is not None and (
+        isinstance(default_shift, bool) or not isinstance(default_shift, (int, float)) or not default_shift > 0
+    ):
+        raise ParamsError(f"{source}: 'default_shift' must be a positive number or null, got {default_shift!r}")
     model_type = data.get("model_type") or data.get("model_name") or default_model_type
     return CacheParams(
         model_type=str(model_type),
@@ -304,6 +316,8 @@ def params_from_dict(data: Any, source: str = "<params>", default_model_type: st
         sigma_shift=None if shift is None else float(shift),
         default_steps=default_steps,
         sigmas=sigmas,
+        boundary_ratio=None if boundary is None else float(boundary),
+        default_shift=None if default_shift is None else float(default_shift),
         compute_steps=_check_compute_steps(data.get("compute_steps"), source),
         provenance=dict(data.get("provenance") or {}),
         path=None if source.startswith("<") else source,

@@ -56,3 +56,12 @@ def flow_match_schedule(num_steps: int, shift: float, num_train_timesteps: int =
     sigmas = shift_sigmas(base, float(shift))
     timesteps = sigmas[:-1] * num_train_timesteps
     return FlowMatchSchedule(sigmas=sigmas.float(), timesteps=timesteps.float(), shift=float(shift))
+
+
+def experts_by_boundary(
+    timesteps: torch.Tensor, boundary_ratio: float, high: str = "transformer", low: str = "transformer_2"
+) -> list[str]:
+    """Which expert of a two-expert model (Wan2.2 A14B) runs each step: the high-noise one while
+    ``timestep >= boundary_ratio * num_train_timesteps`` (1000), as diffusers' Wan pipeline switches."""
+    boundary = boundary_ratio * 1000
+    return [high if float(t) >= boundary else low for t in timesteps]
