@@ -15,6 +15,8 @@ from ditcache.errors import RendezvousError, StepSyncError
 from ditcache.parallel import CfgParallel, ParallelGroups, StepSync, SyncedCache, init_parallel
 from ditcache.parallel.testing import run_ranks, values_or_raise
 
+pytestmark = pytest.mark.distributed  # every test here runs 2 or 4 ranks
+
 STEPS = 6
 
 
@@ -168,7 +170,6 @@ def test_missing_peer_times_out_with_step_sync_error(sp2):
     assert waited < 5  # the 3 s deadline, not rank 1 finishing its sleep
 
 
-@pytest.mark.distributed
 def test_a_killed_peer_is_reported_as_gone_not_as_slow():
     survivor, killed = run_ranks(_killed_peer_case, 2, timeout_s=120)
     assert killed.error_type == "Died"
@@ -189,7 +190,6 @@ def _late_rank_case(rank: int, world: int) -> str | None:
     return None
 
 
-@pytest.mark.distributed
 def test_a_rank_that_never_joins_is_named_at_setup():
     first, _ = values_or_raise(run_ranks(_late_rank_case, 2, timeout_s=120))
     assert re.fullmatch(
