@@ -100,6 +100,9 @@ class CacheSession:
         if cache is None:
             shared = request.shared
             cache = shared if shared is not None else self._config().build(request.num_steps, request.sigmas, step)
+            if shared is None:  # a new expert takes over: the ones before it have run their last step
+                for previous in self.caches.values():
+                    previous.release()
             self.caches[expert] = cache
         sigma = None if request.sigmas is None else request.sigmas[step]
         self.call = Call(expert, is_cond, step, sigma, request.timesteps[step], cache)
