@@ -30,14 +30,13 @@ CACHES = ("none", "ada_taylor")
 
 def time_layout(rank: int, world: int, cfg: int, sp: int, reps: int) -> dict:
     """One rank's share of the layout: the minimum request wall time per cache setting."""
+    import ditcache
     from ditcache.models import REFERENCE_DIGITS
-    from ditcache.parallel import destroy_parallel, init_parallel
-    from ditcache.runtime.pipeline import load_pipeline
 
     torch.set_num_threads(1)
-    groups = init_parallel(cfg, sp, timeout_s=300)
+    groups = ditcache.init_parallel(cfg, sp, timeout_s=300)
     try:
-        pipe = load_pipeline(REFERENCE_DIGITS, parallel=groups)
+        pipe = ditcache.load_pipeline(REFERENCE_DIGITS, parallel=groups)
         request = dict(prompt=PROMPTS, seed=0, progress=False)
         pipe(**request, num_inference_steps=4)  # warm-up: allocator, first all-to-alls
         best = {c: float("inf") for c in CACHES}
@@ -49,7 +48,7 @@ def time_layout(rank: int, world: int, cfg: int, sp: int, reps: int) -> dict:
                 passes[cache] = sum(out.total_stack_passes().values())
         return {"wall_s": best, "block_passes": passes, "layout_detail": out.layout}
     finally:
-        destroy_parallel(groups)
+        ditcache.destroy_parallel(groups)
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Issue-6 rows: sigma- vs index-resampled curves across step counts/shifts, and auto-tune vs hand-picked thresh.
+"""Curve transfer and auto-tune: sigma- vs index-resampled curves across step counts/shifts, auto-tune vs hand rule.
 
 1. Transfer: the curve is calibrated at 50 steps / shift 3 (calibration seeds) and used at
    30 steps / shift 5 and 20 steps / shift 5. For each run configuration and each resample rule the
@@ -10,39 +10,33 @@
 
 PSNR is pooled over all evaluation samples against the uncached samples of the same run.
 
-    python bench/transfer.py [--samples 30] [--out bench/results/transfer.json]
+Every run is the public pipeline call of the quality benchmark (``bench.quality.workload.generate``)
+with a built cache; block passes come from the request's telemetry.
+
+    python -m bench.transfer [--samples 30] [--out bench/results/transfer.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ditcache.cache import AdaTaylorCache, Calibrator
+from ditcache.cache.recorder import ResidualRecorder
+from ditcache.cache.schedule import resample_by_sigma
+from ditcache.cache.tune import PlanReplayer, thresh_for_budget, tune, tuned_params
+from ditcache.models import REFERENCE_DIGITS
+from ditcache.params import params_from_dict
+
+from bench.quality.metrics import psnr_from_mse, telemetry_block_calls
+from bench.quality.workload import CALIB_SEED, EVAL_SEED, Batch, Workload, generate, make_batch, make_workload
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-
-from quality import (  # noqa: E402
-    CALIB_SEED_BASE,
-    EVAL_SEED_BASE,
-    AdapterRunner,
-    BlockCounter,
-    make_batch,
-    make_workload,
-    psnr_from_mse,
-    sample,
-)
-
-from ditcache.cache import AdaTaylorCache, Calibrator  # noqa: E402
-from ditcache.cache.recorder import ResidualRecorder  # noqa: E402
-from ditcache.cache.schedule import resample_by_sigma  # noqa: E402
-from ditcache.cache.tune import PlanReplayer, thresh_for_budget, tune, tuned_params  # noqa: E402
-from ditcache.models import REFERENCE_DIGITS  # noqa: E402
-from ditcache.params import params_from_dict  # noqa: E402
 
 THRESHOLDS = [round(0.01 * 1.2**i, 5) for i in range(26)]  # 0.01 .. ~1
 KS = [2, 3, 4, 6]
@@ -50,22 +44,20 @@ BUDGETS = [0.6, 0.5, 0.4]  # compute fractions the transfer table is matched at
 TARGETS = [1.5, 2.0, 2.5]
 
 
-def run(work, batch, caches, counter):
-    runner = AdapterRunner(work, "ada", {}, caches)
-    runner.reset()
-    with torch.inference_mode():
-        frames, calls = sample(work, batch, runner.predict, counter)
-    return frames, calls
+def run(work: Workload, batch: Batch, cache: Any) -> tuple[torch.Tensor, dict[str, int]]:
+    """The pipeline on ``batch`` with the built ``cache`` (None: uncached): frames and block executions."""
+    out = generate(work.pipeline, work, batch, cache)
+    return out.frames, telemetry_block_calls(out, work.num_layers, 0)
 
 
 def pooled_psnr(frames, reference) -> float:
     return round(float(psnr_from_mse((frames.double() - reference.double()).pow(2).mean())), 3)
 
 
-def calibrate_curve(steps: int, shift: float, guidance: float, calib_batch_of):
+def calibrate_curve(steps: int, shift: float, guidance: float, calib_batch: Batch):
     work = make_workload(REFERENCE_DIGITS, "reference-digits", steps, shift, guidance)
-    cal = Calibrator(steps, shift, "Reference-Digits-bench", sigmas=work.schedule.sigmas[:-1].tolist())
-    run(work, calib_batch_of(work), {"transformer": cal}, BlockCounter())
+    cal = Calibrator(steps, shift, "Reference-Digits-bench", sigmas=work.sigmas)
+    run(work, calib_batch, cal)
     return params_from_dict(cal.result())
 
 
@@ -73,12 +65,10 @@ def transfer_rows(params, eval_configs, samples, guidance, log) -> list[dict]:
     rows = []
     for steps, shift in eval_configs:
         work = make_workload(REFERENCE_DIGITS, "reference-digits", steps, shift, guidance)
-        batch = make_batch(work, [i % 10 for i in range(samples)], [EVAL_SEED_BASE + i for i in range(samples)])
-        counter = BlockCounter()
-        counter.attach(work.transformers["transformer"])
-        reference, ref_calls = run(work, batch, {"transformer": None}, counter)
+        batch = make_batch(samples, EVAL_SEED)
+        reference, ref_calls = run(work, batch, None)
         uncached = sum(ref_calls.values())
-        sigmas = work.schedule.sigmas[:-1].tolist()
+        sigmas = work.sigmas
         for rule in ("index", "sigma"):
             seen = set()
             for K in KS:
@@ -89,7 +79,7 @@ def transfer_rows(params, eval_configs, samples, guidance, log) -> list[dict]:
                     if plan in seen:
                         continue
                     seen.add(plan)
-                    frames, calls = run(work, batch, {"transformer": cache}, counter)
+                    frames, calls = run(work, batch, cache)
                     rows.append({"steps": steps, "shift": shift, "rule": rule, "K": K, "thresh": thresh,
                                  "compute_fraction": round(sum(calls.values()) / uncached, 4),
                                  "psnr": pooled_psnr(frames, reference)})  # fmt: skip
@@ -120,19 +110,17 @@ def matched(rows, budgets) -> list[dict]:
 def autotune_rows(samples, calib_n, guidance, log) -> list[dict]:
     steps, shift = 50, 5.0
     work = make_workload(REFERENCE_DIGITS, "reference-digits", steps, shift, guidance)
-    sigmas = work.schedule.sigmas[:-1].tolist()
-    calib_batch = make_batch(work, [j % 10 for j in range(calib_n)], [CALIB_SEED_BASE + j for j in range(calib_n)])
+    sigmas = work.sigmas
+    calib_batch = make_batch(calib_n, CALIB_SEED)
     cal = Calibrator(steps, shift, "Reference-Digits-bench", sigmas=sigmas)
     recorder = ResidualRecorder(steps)
-    run(work, calib_batch, {"transformer": cal}, BlockCounter())
-    run(work, calib_batch, {"transformer": recorder}, BlockCounter())
+    run(work, calib_batch, cal)
+    run(work, calib_batch, recorder)
     params = params_from_dict(cal.result())
     replayer = PlanReplayer({c: recorder.trajectories(c) for c in (True, False)}, sigmas, guidance)
 
-    batch = make_batch(work, [i % 10 for i in range(samples)], [EVAL_SEED_BASE + i for i in range(samples)])
-    counter = BlockCounter()
-    counter.attach(work.transformers["transformer"])
-    reference, ref_calls = run(work, batch, {"transformer": None}, counter)
+    batch = make_batch(samples, EVAL_SEED)
+    reference, ref_calls = run(work, batch, None)
     uncached = sum(ref_calls.values())
     rows = []
     for target in TARGETS:
@@ -140,12 +128,10 @@ def autotune_rows(samples, calib_n, guidance, log) -> list[dict]:
         result = tune(replayer, params, target_speedup=target, sigmas=sigmas)
         tuned = params_from_dict(tuned_params(params, result, steps, {"target_speedup": target}))
         tune_s = time.perf_counter() - t0
-        frames, calls = run(work, batch, {"transformer": AdaTaylorCache(params=tuned, num_inference_steps=steps,
-                                                                         sigmas=sigmas)}, counter)  # fmt: skip
+        frames, calls = run(work, batch, AdaTaylorCache(params=tuned, num_inference_steps=steps, sigmas=sigmas))
         achieved = uncached / sum(calls.values())
         hand = hand_rule(params, steps, sigmas, round(steps / target))
-        hframes, hcalls = run(work, batch, {"transformer": AdaTaylorCache(params=hand, num_inference_steps=steps,
-                                                                          sigmas=sigmas)}, counter)  # fmt: skip
+        hframes, hcalls = run(work, batch, AdaTaylorCache(params=hand, num_inference_steps=steps, sigmas=sigmas))
         rows.append({
             "target_speedup": target,
             "tuned_method": result.chosen.method,
@@ -181,9 +167,7 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
 
-    calib_of = lambda work: make_batch(work, [j % 10 for j in range(args.calib_samples)],  # noqa: E731
-                                       [CALIB_SEED_BASE + j for j in range(args.calib_samples)])
-    params = calibrate_curve(50, 3.0, args.guidance, calib_of)
+    params = calibrate_curve(50, 3.0, args.guidance, make_batch(args.calib_samples, CALIB_SEED))
     log("calibrated at 50 steps / shift 3")
     rows = transfer_rows(params, [(30, 5.0), (20, 5.0)], args.samples, args.guidance, log)
     table = matched(rows, BUDGETS)
@@ -207,4 +191,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

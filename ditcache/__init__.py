@@ -41,11 +41,11 @@ _EXPORTS = {
     "register_cache": "ditcache.cache",
     # pipelines
     "GenerationOutput": "ditcache.runtime.denoise",
-    "HunyuanVideoPipeline": "ditcache.runtime.hunyuan_pipeline",
-    "QwenImagePipeline": "ditcache.runtime.qwen_pipeline",
-    "Wan22Pipeline": "ditcache.runtime.pipeline",
-    "WanPipeline": "ditcache.runtime.pipeline",
-    "load_pipeline": "ditcache.runtime.pipeline",
+    "HunyuanVideoPipeline": "ditcache.families.hunyuan_video.pipeline",
+    "QwenImagePipeline": "ditcache.families.qwen_image.pipeline",
+    "Wan22Pipeline": "ditcache.families.wan.pipeline",
+    "WanPipeline": "ditcache.families.wan.pipeline",
+    "load_pipeline": "ditcache.families",
     # diffusers integration
     "cache_stats": "ditcache.integrations",
     "disable_cache": "ditcache.integrations",
@@ -92,7 +92,8 @@ if TYPE_CHECKING:
     )
     from ditcache.integrations import cache_stats, disable_cache, enable_cache
     from ditcache.parallel import ParallelConfig, destroy_parallel, init_parallel
+    from ditcache.families import load_pipeline
+    from ditcache.families.hunyuan_video.pipeline import HunyuanVideoPipeline
+    from ditcache.families.qwen_image.pipeline import QwenImagePipeline
+    from ditcache.families.wan.pipeline import Wan22Pipeline, WanPipeline
     from ditcache.runtime.denoise import GenerationOutput
-    from ditcache.runtime.hunyuan_pipeline import HunyuanVideoPipeline
-    from ditcache.runtime.pipeline import Wan22Pipeline, WanPipeline, load_pipeline
-    from ditcache.runtime.qwen_pipeline import QwenImagePipeline

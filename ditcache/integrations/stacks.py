@@ -1,10 +1,9 @@
-"""Which blocks of a diffusers transformer form the cached stack, per supported transformer class.
+"""Which blocks of a diffusers transformer form the cached stack: its family record says.
 
 The cache replaces the stack from the first block's input to the last block's output, on the image
 tokens. Which ModuleLists make up that stack, and in what order the transformer runs them, is a
-property of each transformer class, so it is written down here rather than guessed from attribute
-names. Classes are matched by name (along the MRO, so subclasses match too): importing a diffusers
-transformer class costs seconds, and matching must not import all of them.
+property of each transformer class, so each family's record (``ditcache.families``) writes it down
+rather than it being guessed from attribute names; a new family brings its own.
 
 What each block returns, and in which position the image tokens sit (Wan: the tokens alone;
 HunyuanVideo's dual- and single-stream blocks: ``(hidden, encoder)``; Qwen-Image's:
@@ -19,7 +18,8 @@ import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.utils.torch_utils import unwrap_module
 
-from ditcache.errors import CacheConfigError
+from ditcache.errors import CacheConfigError, UnknownModelError
+from ditcache.families import family, family_for_transformer, known_families
 
 
 @dataclass(frozen=True)
@@ -38,22 +38,16 @@ class StackLayout:
     modulation_argument: str | None = None
 
 
-LAYOUTS: dict[str, StackLayout] = {
-    "WanTransformer3DModel": StackLayout(("blocks",), modulation_argument="temb"),
-    "HunyuanVideoTransformer3DModel": StackLayout(("transformer_blocks", "single_transformer_blocks")),
-    "QwenImageTransformer2DModel": StackLayout(("transformer_blocks",)),
-}
-
-
 def layout_of(transformer: torch.nn.Module, where: str) -> StackLayout:
-    """The stack layout of ``transformer`` (``where`` names it in the error)."""
-    for cls in type(unwrap_module(transformer)).__mro__:
-        if cls.__name__ in LAYOUTS:
-            return LAYOUTS[cls.__name__]
-    raise CacheConfigError(
-        f"{where} is a {type(transformer).__name__}; ditcache's diffusers integration supports "
-        f"{', '.join(LAYOUTS)}"
-    )
+    """The stack layout of ``transformer``, from its family (``where`` names it in the error)."""
+    try:
+        record = family_for_transformer(unwrap_module(transformer))
+    except UnknownModelError:
+        supported = ", ".join(family(name).transformer for name in known_families())
+        raise CacheConfigError(
+            f"{where} is a {type(transformer).__name__}; ditcache's diffusers integration supports {supported}"
+        ) from None
+    return StackLayout(record.stack, record.modulation_argument)
 
 
 def stack_blocks(transformer: torch.nn.Module, layout: StackLayout) -> list[torch.nn.Module]:

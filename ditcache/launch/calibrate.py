@@ -19,10 +19,11 @@ name written and the guidance scale the tuner replays fall back to the pipeline'
 
     torchrun --nproc_per_node=4 --master_port=29532 launch/calibrate.py --cfg-parallel 2 --sp 2 ...
 
-Under ``torchrun`` (``--cfg-parallel``, ``--sp`` as in ``ditcache generate``; ranks beyond
-``cfg x sp`` are data-parallel replicas) replica r runs the prompt batches r, r + dp, ... (batch i
-keeps seed ``--seed + i`` whatever the layout), every rank measures its branch and token shard, and
-one sum all-reduce over all ranks pools the statistics: 1, 2 or 64 ranks write the same curve.
+Under ``torchrun`` (``--cfg-parallel``, ``--ulysses``/``--sp``, ``--ring`` as in ``ditcache
+generate``; ranks beyond ``cfg x sp`` are data-parallel replicas) replica r runs the prompt batches
+r, r + dp, ... (batch i keeps seed ``--seed + i`` whatever the layout), every rank measures its
+branch and token shard, and one sum all-reduce over all ranks pools the statistics: 1, 2 or 64
+ranks write the same curve.
 Rank 0 alone writes the file (atomically). For auto-tuning the ranks' recorded residuals (a token
 sample of each shard) are gathered, so the tuner replays whole requests of both branches.
 """
@@ -174,7 +175,9 @@ def request_options(args: argparse.Namespace) -> dict[str, Any]:
         "width": args.width,
         "num_frames": args.num_frames,
     }
-    return {key: value for key, value in optional.items() if value is not None} | {"progress": False}
+    # The calibrator measures the block stack: decoding the samples would only cost time.
+    fixed = {"output_type": "latent", "progress": False}
+    return {key: value for key, value in optional.items() if value is not None} | fixed
 
 
 def output_file(args: argparse.Namespace, model_name: str) -> Path:

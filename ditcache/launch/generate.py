@@ -7,10 +7,13 @@
         --prompt "a cat playing piano" --model-type Wan2.1-T2V-1.3B --output cat.mp4
     ditcache generate --import my_caches.py --cache mine --cache-option thresh=0.2
     torchrun --nproc_per_node=2 --master_port=29531 launch/generate.py --cfg-parallel 2
-    torchrun --nproc_per_node=8 -m ditcache.launch.generate --model wan --model-dir ... --cfg-parallel 2 --sp 4
+    torchrun --nproc_per_node=8 -m ditcache.launch.generate --model wan --model-dir ... --cfg-parallel 2 --ulysses 4
+    torchrun --nproc_per_node=8 -m ditcache.launch.generate --model wan --model-dir ... --ulysses 4 --ring 2
 
-Under ``torchrun`` the ranks form ``cfg x sp`` groups (CFG-parallel: one branch per rank; Ulysses:
-a token shard per rank), and whatever is left over are data-parallel replicas: with
+Under ``torchrun`` the ranks form ``cfg x sp`` groups (CFG-parallel: one branch per rank; sequence
+parallelism, ``sp = ulysses x ring``: a token shard per rank, Ulysses splitting the heads and ring
+attention the rest, so 12 heads run on 8 ranks as ``--ulysses 4 --ring 2``), and whatever is left
+over are data-parallel replicas: with
 ``world > cfg x sp`` replica r takes the r-th contiguous share of the prompts, samples with seed
 ``--seed + r`` and its first rank writes ``<output stem>-dp<r><suffix>``; otherwise rank 0 writes
 ``--output``. Rank 0 prints the one-line summary, which names the layout.

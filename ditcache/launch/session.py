@@ -1,5 +1,5 @@
-"""One rank's place in a launch: the ``--cfg-parallel``/``--sp`` options, its process groups, its
-data-parallel share of the prompts.
+"""One rank's place in a launch: the ``--cfg-parallel``/``--ulysses``/``--ring`` options, its process
+groups, its data-parallel share of the prompts.
 
 The launchers read the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...);
 without it they run as world 1. The Ray launcher sets the same variables on its actors, so every
@@ -22,13 +22,35 @@ from ditcache.parallel import DEFAULT_TIMEOUT_S, ParallelGroups, destroy_paralle
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--cfg-parallel``, ``--sp``, ``--timeout`` (read under torchrun; world 1 without it)."""
-    group = parser.add_argument_group("parallel (under torchrun; ranks beyond cfg x sp are data-parallel replicas)")
+    """``--cfg-parallel``, ``--ulysses`` (alias ``--sp``), ``--ring``, ``--timeout`` (read under torchrun;
+    world 1 without it). The sequence-parallel degree is ``ulysses x ring``; ``args.sp`` holds the
+    Ulysses degree, as ``--sp`` always has."""
+    group = parser.add_argument_group(
+        "parallel (under torchrun; sp = ulysses x ring; ranks beyond cfg x sp are data-parallel replicas)"
+    )
     group.add_argument("--cfg-parallel", type=int, choices=(1, 2), default=1, help="2: one CFG branch per rank")
-    group.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (must divide the heads)")
+    group.add_argument(
+        "--ulysses", "--sp", dest="sp", type=degree, default=1,
+        help="Ulysses sequence-parallel degree: splits the heads, so it must divide the head count",
+    )
+    group.add_argument(
+        "--ring", type=degree, default=1,
+        help="ring-attention degree: splits the sequence only (12 heads on 8 ranks: --ulysses 4 --ring 2)",
+    )
     group.add_argument(
         "--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S, help="seconds a collective may wait for a peer rank"
     )
+
+
+def degree(text: str) -> int:
+    """An argparse type: a parallel degree, an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1 (1: not split)")
+    return value
 
 
 def positive_seconds(text: str) -> float:
@@ -66,7 +88,9 @@ def parallel_session(args: argparse.Namespace) -> Iterator[tuple[ParallelGroups,
     """
     owns_group = not dist.is_initialized()
     backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
-    groups = init_parallel(args.cfg_parallel, args.sp, backend=backend, timeout_s=args.timeout)
+    groups = init_parallel(
+        args.cfg_parallel, args.sp * args.ring, ring_degree=args.ring, backend=backend, timeout_s=args.timeout
+    )
     device = groups.device if groups.is_distributed else torch.device(args.device)
     try:
         yield groups, device

@@ -1,6 +1,6 @@
 """Paths of the models bundled with ditcache (diffusers-format folders, loadable offline).
 
-``reference-digits`` is the project's reference model (SPEC section 7): a tiny Wan transformer on
+``reference-digits`` is the project's reference model: a tiny Wan transformer on
 16x16 MNIST digits, trained by ``launch/train_reference.py``; ``reference-digits-moe`` is its
 two-expert (Wan2.2-style) variant.
 """

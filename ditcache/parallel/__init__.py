@@ -1,4 +1,5 @@
-"""Parallel layer: process groups (dp x cfg x sp), CFG-parallel, Ulysses attention, step sync.
+"""Parallel layer: process groups (dp x cfg x sp, sp = ulysses x ring), CFG-parallel, Ulysses and
+ring attention, step sync.
 
 Nothing here imports xfuser; everything runs on gloo (CPU) or nccl (GPU), and on one process without
 ``torch.distributed`` at all (:meth:`ParallelGroups.single`).
@@ -25,6 +26,7 @@ from ditcache.parallel.groups import (
     CollectiveError,
     Group,
     ParallelGroups,
+    SequenceGroup,
     default_backend,
     destroy_parallel,
     init_parallel,
@@ -32,6 +34,7 @@ from ditcache.parallel.groups import (
 from ditcache.parallel.step_sync import StepSync, SyncedCache
 from ditcache.parallel.ulysses import (
     UlyssesContext,
+    UlyssesProcessor,
     apply_ulysses,
     gather_tokens,
     remove_ulysses,
@@ -49,9 +52,11 @@ __all__ = [
     "ParallelGroups",
     "RankCoords",
     "RequestFingerprint",
+    "SequenceGroup",
     "StepSync",
     "SyncedCache",
     "UlyssesContext",
+    "UlyssesProcessor",
     "apply_ulysses",
     "cache_description",
     "cache_params",

@@ -4,7 +4,8 @@ Two checks, each one all-gather after which every rank inspects the same table, 
 ranks pass or all raise the same one-line error:
 
 - :func:`check_layout` (run by ``init_parallel`` on the default group, before any subgroup exists):
-  every rank parsed the same ``cfg_degree``, ``sp_degree``, ``dp_degree`` and ``world_size``.
+  every rank parsed the same ``cfg_degree``, ``sp_degree``, ``dp_degree``, ``world_size`` and
+  ``ring_degree``.
   Subgroup creation is collective, and ranks with different layouts create different subgroups, so
   without this check one rank waits forever in a group creation its peers never start while another
   runs alone. Raises :class:`LayoutMismatchError`.
@@ -24,31 +25,14 @@ replica ``r`` samples with ``seed + r`` from its own share of the prompts. So:
 Both scopes are checked on one world all-gather of ``(dp rank, fingerprint)``: a replica whose own
 ranks agree still fails when another replica does not, so the job fails as a whole instead of some
 replicas finishing and the rest dying alone. Being collective over the job, it must be called the
-same number of times on every rank: once per request, with the replicas serving theirs in lockstep
-(as the launcher does, one request each). If the all-gather itself fails, every rank that can
-still raise gets a one-line :class:`CollectiveError` that names the ranks that never reached the
-check (when the default store can tell) and whether the exchange timed out or lost a peer.
+same number of times on every rank. The pipelines therefore check their first request job-wide
+(every replica serves at least one: the launchers see to it) and later ones with
+``scope="replica"``, since replicas may serve different numbers of requests (calibration batches).
+If the all-gather itself fails, every rank that can still raise gets a one-line
+:class:`CollectiveError` that names the ranks that never reached the check (when the default store
+can tell) and whether the exchange timed out or lost a peer.
 
-Building the fingerprint at a pipeline's call site (``WanPipeline.__call__``: after
-``self._new_request(...)`` built the caches, before ``self._denoise``)::
-
-    check_request(self.parallel, RequestFingerprint(
-        seed=request.seed,                           # this replica's seed (launcher: --seed + dp rank)
-        num_inference_steps=schedule.num_steps,
-        sigmas=sigmas_hash(schedule.sigmas.tolist()),
-        sigma_shift=schedule.shift,
-        guidance_scale=request.guidance_scale,
-        guidance_scale_2=None,                       # a second guidance scale where the family has one
-        prompt_hash=prompt_hash(request.prompts, request.negative_prompts),
-        num_prompts=len(request.prompts),
-        latent_shape=request.latent_shape,
-        layout=self.parallel.config.layout,
-        cache=cache_description(cache),              # the cache= argument as the request gave it
-        params_hash=params_hash(*map(cache_params, loop.caches.values())),
-        model=model_identity(*(adapter.transformer for adapter in self.adapters.values())),
-    ))
-
-``loop`` is the :class:`~ditcache.runtime.denoise.DenoiseRequest` that ``_new_request`` returned.
+The pipelines build the fingerprint in ``DenoisingPipeline._check_request``, just before step 0.
 On one process ``check_request`` returns at once, so the call needs no ``if``.
 """
 
@@ -61,7 +45,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -79,7 +63,7 @@ T = TypeVar("T")
 #: Fields that must agree only within a replica (``latent_shape`` also across replicas beyond dim 0).
 REPLICA_FIELDS: tuple[str, ...] = ("seed", "prompt_hash", "num_prompts", "latent_shape")
 #: What each rank reports in the layout check, in this order.
-LAYOUT_FIELDS: tuple[str, ...] = ("cfg_degree", "sp_degree", "dp_degree", "world_size")
+LAYOUT_FIELDS: tuple[str, ...] = ("cfg_degree", "sp_degree", "dp_degree", "world_size", "ring_degree")
 
 _SIGMA_DIGITS = 6  # sigmas are compared to 1e-6: same arithmetic on every rank, no float noise
 _HASH_CHARS = 16  # 64 bits of sha256: collisions are no concern for a handful of ranks, messages stay short
@@ -198,15 +182,17 @@ def _one_model(model: torch.nn.Module) -> str:
 # -- the checks -----------------------------------------------------------------------------------
 
 
-def check_request(groups: ParallelGroups, fp: RequestFingerprint) -> None:
+def check_request(groups: ParallelGroups, fp: RequestFingerprint, *, scope: Literal["job", "replica"] = "job") -> None:
     """Raise the same :class:`RequestMismatchError` on every rank unless all ranks' fingerprints agree
-    in their scope (module docstring); call it on every rank before the first step (collective)."""
+    in their scope (module docstring); call it on every rank before the first step (collective over
+    the whole job, or over this rank's replica only with ``scope="replica"``)."""
+    group = groups.world if scope == "job" else groups.replica
     rows = _gather(
-        groups.world,
+        group,
         "request check",
-        lambda: groups.world.all_gather_object((groups.dp_rank, fp), groups.device, op="request check"),
+        lambda: group.all_gather_object((groups.dp_rank, fp), groups.device, op="request check"),
     )
-    table = [(rank, dp_rank, theirs) for rank, (dp_rank, theirs) in zip(groups.world.ranks, rows)]
+    table = [(rank, dp_rank, theirs) for rank, (dp_rank, theirs) in zip(group.ranks, rows)]
     problems = _request_problems(table)
     if problems:
         raise RequestMismatchError(
@@ -227,9 +213,12 @@ def check_layout(config: ParallelConfig, world: Group, device: torch.device) -> 
         if (problem := _differs(name, [(rank, v[name]) for rank, v in zip(world.ranks, values)]))
     ]
     if problems:
+        same = "cfg_degree and sp_degree (--cfg-parallel, --sp)"
+        if any(v["ring_degree"] != values[0]["ring_degree"] for v in values):
+            same = "cfg_degree, sp_degree and ring_degree (--cfg-parallel, --ulysses, --ring)"
         raise LayoutMismatchError(
             f"ranks disagree on the parallel layout: {', '.join(problems)}; start every rank with the same "
-            "cfg_degree and sp_degree (--cfg-parallel, --sp) under one torchrun"
+            f"{same} under one torchrun"
         )
 
 

@@ -1,9 +1,13 @@
-"""Process groups for one rank (cfg, sp, replica) and the timed collectives run over them.
+"""Process groups for one rank (cfg, sp and its ulysses x ring factors, replica) and the timed
+collectives run over them.
 
 Every collective in ditcache goes through a :class:`Group` method, which waits with a deadline and
 turns a timeout into a :class:`CollectiveError` that names the operation, the group and the ranks,
-so a rank that diverged or died shows up as an error instead of a hang. Groups of size 1 never touch
-``torch.distributed``: a world-1 run (no ``torchrun``) takes the same code path with no process group.
+so a rank that diverged or died shows up as an error instead of a hang. Collectives that torch runs
+itself (its ring attention) are wrapped in :meth:`Group.failures`, which does the same translation;
+their deadline is the process group's timeout, created with the same value. Groups of size 1 never
+touch ``torch.distributed``: a world-1 run (no ``torchrun``) takes the same code path with no
+process group.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -96,9 +101,11 @@ class Group:
         self._wait(op, lambda: dist.all_to_all_single(out, tensor, group=self.pg, async_op=True))
         return out
 
-    def _wait(self, op: str, start: Callable[[], dist.Work]) -> None:
+    @contextmanager
+    def failures(self, op: str) -> Iterator[None]:
+        """Turn a backend failure of collectives run inside the block into a :class:`CollectiveError`."""
         try:
-            start().wait(self.timeout)
+            yield
         except RuntimeError as exc:  # gloo/nccl timeouts and peer failures are RuntimeErrors
             cause = failure_cause(exc, self.timeout.total_seconds())
             raise CollectiveError(
@@ -106,6 +113,32 @@ class Group:
                 "another rank of this group raised, died, or is waiting in a different collective",
                 cause,
             ) from exc
+
+    def _wait(self, op: str, start: Callable[[], dist.Work]) -> None:
+        with self.failures(op):
+            start().wait(self.timeout)
+
+
+@dataclass(frozen=True)
+class SequenceGroup(Group):
+    """The SP group (every rank sharing one token sequence) and its ``ulysses x ring`` factors.
+
+    Sharding, gathering and cache statistics run over the whole group; attention runs the
+    all-to-all over ``ulysses`` (this rank's ring position) and passes key/value chunks around
+    ``ring`` (this rank's ulysses position). A factor of size 1 is a group without a process group;
+    the other factor is then the SP group itself under its own name (same process group).
+    """
+
+    ulysses: Group
+    ring: Group
+
+    @classmethod
+    def of(cls, sp: Group, ulysses: Group, ring: Group) -> SequenceGroup:
+        """``sp`` with its factors, named ``ulysses`` and ``ring`` in messages."""
+        return cls(
+            sp.name, sp.ranks, sp.rank, sp.pg, sp.timeout,
+            ulysses=replace(ulysses, name="ulysses"), ring=replace(ring, name="ring"),
+        )
 
 
 def failure_cause(exc: BaseException, timeout_s: float) -> str:
@@ -129,7 +162,8 @@ class ParallelGroups:
     """This rank's place in the ``(dp, cfg, sp)`` mesh and its groups.
 
     ``cfg``: the ranks running the other CFG branch of the same tokens (size ``cfg_degree``).
-    ``sp``: the ranks sharing one token sequence (size ``sp_degree``).
+    ``sp``: the ranks sharing one token sequence (size ``sp_degree``); a :class:`SequenceGroup`
+    that also holds its ``ulysses`` and ``ring`` factors.
     ``replica``: all ranks serving one request (``cfg x sp``), over which steps are checked.
     ``world``: every rank (e.g. to pool calibration statistics over replicas and nodes).
     """
@@ -138,7 +172,7 @@ class ParallelGroups:
     rank: int
     coords: RankCoords
     cfg: Group
-    sp: Group
+    sp: SequenceGroup
     replica: Group
     world: Group
     device: torch.device
@@ -173,7 +207,7 @@ class ParallelGroups:
             rank=0,
             coords=RankCoords(0, 0, 0),
             cfg=_single_group("cfg", 0, timeout),
-            sp=_single_group("sp", 0, timeout),
+            sp=SequenceGroup.of(*(_single_group(name, 0, timeout) for name in ("sp", "ulysses", "ring"))),
             replica=_single_group("replica", 0, timeout),
             world=_single_group("world", 0, timeout),
             device=torch.device(device),
@@ -198,8 +232,15 @@ class ParallelGroups:
                 f"ParallelConfig.world_size is {config.world_size} but the process group has {world} ranks"
             )
         timeout = datetime.timedelta(seconds=timeout_s)
+        sp = _new_groups("sp", config.sp_group_ranks(), rank, timeout)
+        if 1 < config.ring_degree < config.sp_degree:
+            ulysses = _new_groups("ulysses", config.ulysses_group_ranks(), rank, timeout)
+            ring = _new_groups("ring", config.ring_group_ranks(), rank, timeout)
+        else:  # one factor is the whole SP group: it reuses the SP process group
+            one = _single_group("", rank, timeout)
+            ulysses, ring = (one, sp) if config.ring_degree > 1 else (sp, one)
         groups = {
-            "sp": _new_groups("sp", config.sp_group_ranks(), rank, timeout),
+            "sp": SequenceGroup.of(sp, ulysses, ring),
             "cfg": _new_groups("cfg", config.cfg_group_ranks(), rank, timeout),
             "replica": _new_groups("replica", config.replica_group_ranks(), rank, timeout),
             "world": Group("world", tuple(range(world)), rank, dist.group.WORLD if world > 1 else None, timeout),
@@ -230,16 +271,19 @@ def init_parallel(
     cfg_degree: int = 1,
     sp_degree: int = 1,
     *,
+    ring_degree: int = 1,
     backend: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> ParallelGroups:
     """Set up this rank from the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``MASTER_ADDR``/``MASTER_PORT``), or return a world-1 instance when started without it.
 
-    Initialises the default process group (``backend`` chosen automatically, ``timeout_s`` applies to
-    it and to every ditcache collective) unless one already exists.
+    ``sp_degree`` ranks share one sequence, ``ring_degree`` of them in a ring of Ulysses groups
+    (``init_parallel(1, 8, ring_degree=2)``: ulysses 4 x ring 2). Initialises the default process
+    group (``backend`` chosen automatically, ``timeout_s`` applies to it and to every ditcache
+    collective) unless one already exists.
     """
-    config = ParallelConfig.from_env(cfg_degree, sp_degree)
+    config = ParallelConfig.from_env(cfg_degree, sp_degree, ring_degree=ring_degree)
     backend = backend or (dist.get_backend() if dist.is_initialized() else default_backend())
     device = torch.device("cpu")
     if backend == "nccl":

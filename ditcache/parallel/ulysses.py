@@ -15,19 +15,29 @@ per token, so it runs on the local slice unchanged. Attention is replaced by a p
 Cross-attention to text (Wan's ``attn2``) needs no communication: local queries against replicated
 keys is already exact, so those modules keep their stock processor.
 
+With a ring (``ulysses x ring``, :class:`~ditcache.parallel.groups.SequenceGroup`), step 2 runs
+over the Ulysses factor only, which leaves each rank with its head slice of one contiguous chunk of
+the sequence, and step 3 is ring attention over the ring factor (:mod:`ditcache.parallel.ring`).
+A ring of 1 is exactly the path above. The heads need only divide the Ulysses factor.
+
 The padding is the same for every tensor of one forward; a :class:`UlyssesContext` records it when
-the hidden states are sharded and the processors read it from there.
+the hidden states are sharded and the processors read it from there. This module is the generic
+part; each family's processors (what its attention projects and rotates) live in the family's
+folder, ``ditcache/families/<name>/ulysses.py``, and its adapter hands them to :func:`apply_ulysses`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ditcache.errors import CacheConfigError
-from ditcache.parallel.groups import Group
+from ditcache.parallel.groups import Group, SequenceGroup
+from ditcache.parallel.ring import check_ring_support, ring_attention
 
 
 def shard_tokens(x: torch.Tensor, dim: int, group: Group) -> tuple[torch.Tensor, int]:
@@ -79,10 +89,19 @@ class UlyssesContext:
     The pipeline calls :meth:`shard` on the block-stack input (this records the full length and the
     padding), :meth:`shard_like` on every other per-token tensor of the same sequence (rope,
     per-token modulation), and :meth:`gather` on the block-stack output.
+
+    ``group`` is the whole SP group; a :class:`SequenceGroup` brings its ``ulysses x ring`` factors,
+    any other group is all Ulysses.
     """
 
     def __init__(self, group: Group) -> None:
         self.group = group
+        if isinstance(group, SequenceGroup):
+            self.ulysses, self.ring = group.ulysses, group.ring
+        else:
+            self.ulysses, self.ring = group, Group("ring", (group.global_rank,), 0, None, group.timeout)
+        if self.ring.size > 1:
+            check_ring_support()
         self.seq_len: int | None = None
         self.pad = 0
 
@@ -159,18 +178,22 @@ class UlyssesContext:
         ``[B, T, H, D]`` outputs. Key masks are bool ``[B, S]`` / ``[B, T]``, True = attend, over the
         full unpadded image sequence and the text."""
         self._require_layout()
-        g = self.group
         b, s_local, heads, _ = img_qkv[0].shape
-        if s_local * g.size != self.seq_len + self.pad:
+        if s_local * self.group.size != self.seq_len + self.pad:
             raise RuntimeError(
                 f"Ulysses: attention got {s_local} local tokens, but the recorded layout is "
-                f"{self.seq_len} tokens (+{self.pad} padding) over {g.size} ranks"
+                f"{self.seq_len} tokens (+{self.pad} padding) over {self.group.size} ranks"
             )
+        g = self.ulysses
         q, k, v = _seq_to_heads(torch.cat(img_qkv, dim=0), g).chunk(3, dim=0)
+        hp = heads // g.size
+        if txt_qkv is not None:
+            txt_qkv = tuple(t[:, :, g.rank * hp : (g.rank + 1) * hp] for t in txt_qkv)
+        if self.ring.size > 1:
+            return self._ring_attention((q, k, v), txt_qkv, img_key_mask, txt_key_mask)
         n_txt = 0
         if txt_qkv is not None:
-            hp = heads // g.size
-            tq, tk, tv = (t[:, :, g.rank * hp : (g.rank + 1) * hp] for t in txt_qkv)
+            tq, tk, tv = txt_qkv
             n_txt = tq.shape[1]
             q, k, v = (torch.cat([t, i] if txt_first else [i, t], dim=1) for t, i in ((tq, q), (tk, k), (tv, v)))
         mask = self._key_mask(b, n_txt, img_key_mask, txt_key_mask, txt_first, q.device)
@@ -183,6 +206,50 @@ class UlyssesContext:
         txt_out, img_out = (out[:, :n_txt], out[:, n_txt:]) if txt_first else (out[:, n_img:], out[:, :n_img])
         txt_full = torch.cat(g.all_gather(txt_out, op="ulysses all_gather (text heads)"), dim=2)
         return _heads_to_seq(img_out, g), txt_full
+
+    def _ring_attention(
+        self,
+        img_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        txt_qkv: tuple[torch.Tensor, ...] | None,
+        img_key_mask: torch.Tensor | None,
+        txt_key_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Steps 3 and 4 with a ring: this rank holds its head slice of ring chunk ``ring.rank``."""
+        def heads_first(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(1, 2)
+
+        chunk_keys = self._ring_chunk_keys(img_qkv[0].shape[0], img_key_mask, img_qkv[0].device)
+        img_out, txt_out = ring_attention(
+            self.ring,
+            tuple(map(heads_first, img_qkv)),
+            chunk_keys,
+            None if txt_qkv is None else tuple(map(heads_first, txt_qkv)),
+            txt_key_mask,
+        )
+        img_out = _heads_to_seq(heads_first(img_out), self.ulysses)
+        if txt_out is None:
+            return img_out, None
+        parts = self.ulysses.all_gather(heads_first(txt_out), op="ulysses all_gather (text heads)")
+        return img_out, torch.cat(parts, dim=2)
+
+    def _ring_chunk_keys(
+        self, batch: int, img_key_mask: torch.Tensor | None, device: torch.device
+    ) -> list[torch.Tensor | None]:
+        """Which keys of each ring position's chunk count: bool ``[B, chunk]``, None where all do."""
+        ring = self.ring.size
+        if self.pad == 0 and img_key_mask is None:
+            return [None] * ring
+        valid = img_key_mask
+        if valid is None:
+            valid = torch.ones(batch, self.seq_len, dtype=torch.bool, device=device)
+        chunks = torch.cat([valid, valid.new_zeros(batch, self.pad)], dim=1).chunk(ring, dim=1)
+        for r, chunk in enumerate(chunks):
+            if not bool(chunk.any(dim=1).all()):
+                raise CacheConfigError(
+                    f"ring attention: ring chunk {r} of {ring} holds no valid image token ({self.seq_len} tokens "
+                    f"padded to {self.seq_len + self.pad} over SP {self.group.size}); use a smaller --ring"
+                )
+        return [None if bool(chunk.all()) else chunk for chunk in chunks]
 
     def _key_mask(
         self,
@@ -206,8 +273,9 @@ class UlyssesContext:
         return keys[:, None, None, :]
 
 
-class _UlyssesProcessor:
-    """Base of the Ulysses processors: keeps the stock processor so it can be put back."""
+class UlyssesProcessor:
+    """Base of the Ulysses processors (one per family, in its folder): keeps the stock processor so
+    it can be put back."""
 
     def __init__(self, ctx: UlyssesContext, original: Any) -> None:
         self.ctx = ctx
@@ -219,173 +287,16 @@ class _UlyssesProcessor:
         return True
 
 
-class UlyssesWanAttnProcessor(_UlyssesProcessor):
-    """Ulysses version of ``WanAttnProcessor`` for self-attention (``attn1``) of Wan blocks."""
-
-    @staticmethod
-    def applies_to(module: torch.nn.Module) -> bool:
-        return not module.is_cross_attention
-
-    def __call__(
-        self,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("Ulysses Wan self-attention takes neither encoder_hidden_states nor attention_mask")
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if rotary_emb is not None:
-            query, key = _wan_rope(query, *rotary_emb), _wan_rope(key, *rotary_emb)
-        out, _ = self.ctx.attention((query, key, value))
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-def _wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved rotary embedding (as in diffusers' WanAttnProcessor)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
-class UlyssesHunyuanVideoAttnProcessor(_UlyssesProcessor):
-    """Ulysses version of ``HunyuanVideoAttnProcessor2_0``: dual-stream blocks (separate text
-    projections ``add_*_proj``) and single-stream blocks (shared projections, ``pre_only``).
-
-    ``attention_mask`` is what the unsharded model passes: a bool key mask over
-    ``[all image tokens, text tokens]``.
-    """
-
-    def __call__(
-        self,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        n_local = hidden_states.shape[1]
-        single_stream = attn.add_q_proj is None
-        x = hidden_states
-        if single_stream and encoder_hidden_states is not None:
-            x = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        qkv = [proj(x).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)]
-        if attn.norm_q is not None:
-            qkv[0] = attn.norm_q(qkv[0])
-        if attn.norm_k is not None:
-            qkv[1] = attn.norm_k(qkv[1])
-        img = [t[:, :n_local] for t in qkv]
-        txt = None
-        if encoder_hidden_states is not None:
-            if single_stream:
-                txt = [t[:, n_local:] for t in qkv]
-            else:
-                txt = [
-                    proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-                    for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-                ]
-                if attn.norm_added_q is not None:
-                    txt[0] = attn.norm_added_q(txt[0])
-                if attn.norm_added_k is not None:
-                    txt[1] = attn.norm_added_k(txt[1])
-        if image_rotary_emb is not None:
-            img[0] = apply_rotary_emb(img[0], image_rotary_emb, sequence_dim=1)
-            img[1] = apply_rotary_emb(img[1], image_rotary_emb, sequence_dim=1)
-        img_mask = txt_mask = None
-        if attention_mask is not None:
-            n_txt = 0 if txt is None else txt[0].shape[1]
-            img_mask, txt_mask = self.ctx.split_key_mask(attention_mask, x.shape[0], n_txt)
-        img_out, txt_out = self.ctx.attention(
-            tuple(img), None if txt is None else tuple(txt), img_key_mask=img_mask, txt_key_mask=txt_mask
-        )
-        img_out = img_out.flatten(2, 3).to(img[0].dtype)
-        if encoder_hidden_states is None:
-            return img_out, None
-        txt_out = txt_out.flatten(2, 3).to(img[0].dtype)
-        if getattr(attn, "to_out", None) is not None:
-            img_out = attn.to_out[1](attn.to_out[0](img_out))
-        if getattr(attn, "to_add_out", None) is not None:
-            txt_out = attn.to_add_out(txt_out)
-        return img_out, txt_out
-
-
-class UlyssesQwenDoubleStreamAttnProcessor(_UlyssesProcessor):
-    """Ulysses version of ``QwenDoubleStreamAttnProcessor2_0`` (joint ``[text, image]`` attention).
-
-    ``image_rotary_emb`` is ``(local image freqs, full text freqs)``: the image part sharded like the
-    tokens (:meth:`UlyssesContext.shard_like`), the text part as the unsharded model computes it.
-    """
-
-    def __call__(
-        self,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_hidden_states_mask: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
-
-        if encoder_hidden_states is None:
-            raise ValueError("Ulysses Qwen-Image attention requires encoder_hidden_states (text stream)")
-        if attention_mask is not None:
-            raise ValueError("Ulysses Qwen-Image attention takes encoder_hidden_states_mask, not attention_mask")
-        head_dim = attn.inner_dim // attn.heads
-        img = [p(hidden_states).unflatten(-1, (-1, head_dim)) for p in (attn.to_q, attn.to_k, attn.to_v)]
-        txt = [
-            p(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-            for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        ]
-        norms = ((img, attn.norm_q, attn.norm_k), (txt, attn.norm_added_q, attn.norm_added_k))
-        for stream, norm_q, norm_k in norms:
-            if norm_q is not None:
-                stream[0] = norm_q(stream[0])
-            if norm_k is not None:
-                stream[1] = norm_k(stream[1])
-        if image_rotary_emb is not None:
-            for stream, freqs in zip((img, txt), image_rotary_emb):
-                stream[0] = apply_rotary_emb_qwen(stream[0], freqs, use_real=False)
-                stream[1] = apply_rotary_emb_qwen(stream[1], freqs, use_real=False)
-        txt_mask = None if encoder_hidden_states_mask is None else encoder_hidden_states_mask.to(torch.bool)
-        img_out, txt_out = self.ctx.attention(tuple(img), tuple(txt), txt_key_mask=txt_mask, txt_first=True)
-        img_out = attn.to_out[0](img_out.flatten(2, 3).to(img[0].dtype).contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)
-        txt_out = attn.to_add_out(txt_out.flatten(2, 3).to(img[0].dtype).contiguous())
-        return img_out, txt_out
-
-
-def _ulysses_processors() -> dict[type, type[_UlyssesProcessor]]:
-    """Stock diffusers processor class -> its Ulysses replacement (imported on first use: these
-    modules take seconds to import and only a parallel run needs them)."""
-    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
-    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-    return {
-        WanAttnProcessor: UlyssesWanAttnProcessor,
-        HunyuanVideoAttnProcessor2_0: UlyssesHunyuanVideoAttnProcessor,
-        QwenDoubleStreamAttnProcessor2_0: UlyssesQwenDoubleStreamAttnProcessor,
-    }
-
-
-def apply_ulysses(transformer: torch.nn.Module, sp: Group | UlyssesContext) -> UlyssesContext:
+def apply_ulysses(
+    transformer: torch.nn.Module,
+    sp: Group | UlyssesContext,
+    processors: Mapping[type, type[UlyssesProcessor]],
+) -> UlyssesContext:
     """Install Ulysses processors on every token-mixing attention module of a diffusers transformer
-    (Wan, HunyuanVideo, Qwen-Image) and return the context that carries the token layout.
+    and return the context that carries the token layout.
+
+    ``processors`` maps a stock diffusers processor class to its Ulysses replacement; the family's
+    adapter provides it (``FamilyAdapter.ulysses_processors``), because this layer knows no family.
 
     Pass an existing :class:`UlyssesContext` to share one layout between transformers that run on the
     same tokens (Wan2.2's two experts). With an SP group of size 1 nothing is installed and the
@@ -395,23 +306,25 @@ def apply_ulysses(transformer: torch.nn.Module, sp: Group | UlyssesContext) -> U
     ctx = sp if isinstance(sp, UlyssesContext) else UlyssesContext(sp)
     if ctx.group.size == 1:
         return ctx
-    replacements = _ulysses_processors()
     targets = []
     for name, module in transformer.named_modules():
         processor = getattr(module, "processor", None)
-        if isinstance(processor, _UlyssesProcessor):
+        if isinstance(processor, UlyssesProcessor):
             raise CacheConfigError(f"Ulysses processors are already installed on {type(transformer).__name__}")
-        cls = replacements.get(type(processor))
+        cls = processors.get(type(processor))
         if cls is None or not cls.applies_to(module):
             continue
-        if module.heads % ctx.group.size != 0:
+        if module.heads % ctx.ulysses.size != 0:
+            degree = ctx.group.size
+            fits = math.gcd(module.heads, degree)  # the largest Ulysses degree that divides both
             raise CacheConfigError(
-                f"attention module {name!r} has {module.heads} heads, which the SP degree "
-                f"{ctx.group.size} does not divide; Ulysses needs heads % sp_degree == 0"
+                f"attention module {name!r} has {module.heads} heads, which the Ulysses degree {ctx.ulysses.size} "
+                f"(SP degree {degree} = ulysses {ctx.ulysses.size} x ring {ctx.ring.size}) does not divide; "
+                f"run the rest of the SP degree as ring attention: --ulysses {fits} --ring {degree // fits}"
             )
         targets.append((module, cls))
     if not targets:
-        supported = ", ".join(c.__name__ for c in replacements)
+        supported = ", ".join(c.__name__ for c in processors) or "none given"
         raise CacheConfigError(
             f"{type(transformer).__name__} has no attention module with a supported processor ({supported})"
         )
@@ -425,7 +338,7 @@ def remove_ulysses(transformer: torch.nn.Module) -> int:
     restored = 0
     for module in transformer.modules():
         processor = getattr(module, "processor", None)
-        if isinstance(processor, _UlyssesProcessor):
+        if isinstance(processor, UlyssesProcessor):
             module.set_processor(processor.original)
             restored += 1
     return restored

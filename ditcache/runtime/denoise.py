@@ -31,10 +31,19 @@ from ditcache.cache.ada_taylor import AdaTaylorConfig
 from ditcache.cache.none import NoCacheConfig
 from ditcache.cache.registry import CacheConfig, cache_config
 from ditcache.cache.calibrator import Calibrator
-from ditcache.errors import CacheConfigError, ParamsError, StepSyncError
+from ditcache.errors import CacheConfigError, StepSyncError
 from ditcache.parallel import CfgParallel, ParallelGroups, StepSync, SyncedCache, UlyssesContext, apply_ulysses
 from ditcache.parallel.cfg import combine_guidance
-from ditcache.runtime.adapters import FamilyAdapter
+from ditcache.parallel.fingerprint import (
+    RequestFingerprint,
+    cache_description,
+    cache_params,
+    check_request,
+    model_identity,
+    params_hash,
+    sigmas_hash,
+)
+from ditcache.runtime.adapter import FamilyAdapter
 from ditcache.runtime.scheduler import FlowMatchSchedule
 
 GuidanceRule = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -158,14 +167,6 @@ class GenerationOutput:
         )
 
 
-def as_prompt_list(prompt: str | list[str], what: str) -> list[str]:
-    """``prompt`` as a non-empty list of strings (``what`` names the argument in the error)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ParamsError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
-    return prompts
-
-
 def check_step(cache: BaseFeatureCache, expert: str, is_cond: bool, step: int) -> None:
     """A cache that counts steps must count the global step, or its plan is applied off by some."""
     reported = cache.current_step(is_cond)
@@ -216,7 +217,9 @@ class DenoiseRequest:
     ``timestep(step)`` its time input, ``prediction`` the part of its output that moves the latents,
     ``guidance_rule(cond, uncond, scale)`` the family's CFG, ``integrate(latents, velocity, step)``
     the update (default: the schedule's Euler step). ``params_cache`` says the caches came from a
-    params file, so a run that skips nothing deserves a warning.
+    params file, so a run that skips nothing deserves a warning. ``seed``, ``conditioning`` (a hash
+    of the prompts or embeddings and any conditioning image) and ``cache_description`` (the ``cache=``
+    argument as given) are what ranks compare before step 0, with the rest of the request.
     """
 
     schedule: FlowMatchSchedule
@@ -230,6 +233,9 @@ class DenoiseRequest:
     guidance_rule: GuidanceRule = combine_guidance
     integrate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
     params_cache: bool = False
+    seed: int = 0
+    conditioning: str = ""
+    cache_description: str = "none"
 
     @property
     def do_cfg(self) -> bool:
@@ -254,8 +260,9 @@ class DenoisingPipeline:
         self.adapters = adapters
         self.parallel = ParallelGroups.single() if parallel is None else parallel
         self.sp = UlyssesContext(self.parallel.sp)
+        self._job_checked = False  # the first request is compared across the whole job, later ones per replica
         for adapter in adapters.values():
-            apply_ulysses(adapter.transformer, self.sp)
+            apply_ulysses(adapter.transformer, self.sp, adapter.ulysses_processors)
 
     @property
     def layout(self) -> str:
@@ -272,6 +279,8 @@ class DenoisingPipeline:
         *,
         cache: CacheArg,
         model_type: str | None,
+        seed: int,
+        conditioning: str,
         **drive: Any,
     ) -> DenoiseRequest:
         """A request with its caches ready (one per expert that runs; reset; synced across ranks).
@@ -280,8 +289,10 @@ class DenoisingPipeline:
         the expert's first step, or one for all experts when the cache measures a whole run), a
         built cache (shared by every expert only if it ``spans_experts``), a mapping expert -> built
         cache, or None (compute every step). ``model_type`` fills a params-driven config that names
-        no params. ``drive`` are the remaining :class:`DenoiseRequest` fields.
+        no params. ``seed`` and ``conditioning`` identify the request for the cross-rank check.
+        ``drive`` are the remaining :class:`DenoiseRequest` fields.
         """
+        described = cache_description(cache)
         if isinstance(cache, str):
             cache = cache_config(cache)
         if isinstance(cache, CacheConfig):
@@ -294,6 +305,9 @@ class DenoisingPipeline:
             guidance_scale=guidance_scale,
             branch_inputs=branch_inputs,
             params_cache=isinstance(cache, AdaTaylorConfig),
+            seed=seed,
+            conditioning=conditioning,
+            cache_description=described,
             **drive,
         )
 
@@ -357,6 +371,7 @@ class DenoisingPipeline:
 
     def _denoise(self, request: DenoiseRequest, latents: torch.Tensor, progress: bool) -> torch.Tensor:
         """Run every step of ``request`` from ``latents``; returns the final latents (same on all ranks)."""
+        self._check_request(request, latents)
         cfg = CfgParallel.from_groups(self.parallel, request.do_cfg)
         schedule = request.schedule
         integrate = request.integrate or schedule.step
@@ -393,6 +408,30 @@ class DenoisingPipeline:
             if step in handovers:
                 handovers[step].release()
         return latents
+
+    def _check_request(self, request: DenoiseRequest, latents: torch.Tensor) -> None:
+        """Every rank describes the request it is about to run; any difference fails all of them
+        with one error naming the field, before step 0 (a CFG partner with another seed, guidance or
+        params file would otherwise give a wrong sample and exit 0)."""
+        if not self.parallel.is_distributed:
+            return
+        schedule = request.schedule
+        fingerprint = RequestFingerprint(
+            seed=request.seed,
+            num_inference_steps=schedule.num_steps,
+            sigmas=sigmas_hash(schedule.sigmas.tolist()),
+            sigma_shift=float(schedule.shift),
+            guidance_scale=float(request.guidance_scale),
+            prompt_hash=request.conditioning,
+            num_prompts=int(latents.shape[0]),
+            latent_shape=tuple(latents.shape),
+            layout=self.parallel.config.layout,
+            cache=request.cache_description,
+            params_hash=params_hash(*(cache_params(cache) for cache in request.caches.values())),
+            model=model_identity(*(self.adapters[name].transformer for name in dict.fromkeys(request.experts))),
+        )
+        check_request(self.parallel, fingerprint, scope="replica" if self._job_checked else "job")
+        self._job_checked = True
 
     # -- the report -------------------------------------------------------------------------------
 

@@ -60,7 +60,7 @@ class ModelSettings:
     width: int
     num_frames: int
     default_steps: int
-    default_shift: float
+    default_shift: float | None  # None: the family computes it per request (Qwen-Image: by resolution)
     default_guidance_scale: float
     model_type: str | None
     boundary_ratio: float | None
@@ -140,8 +140,8 @@ def read_settings(root: Path, index: dict[str, Any]) -> ModelSettings:
     pixel = latent_space == "pixel"
 
     shift = section.get("default_shift")
-    if shift is None and part_spec(index, "scheduler") is not None:
-        config = json.loads((check_part(root, "scheduler") / "scheduler_config.json").read_text())
+    if shift is None:
+        config = scheduler_config(root, index)
         shift = config.get("shift", config.get("flow_shift"))
 
     return ModelSettings(
@@ -307,6 +307,26 @@ def load_image_parts(
     ).eval()
     processor = CLIPImageProcessor.from_pretrained(str(check_part(root, "image_processor")), local_files_only=True)
     return encoder, processor
+
+
+def scheduler_config(root: Path, index: dict[str, Any]) -> dict[str, Any]:
+    """The directory's ``scheduler/scheduler_config.json`` ({} when the index names no scheduler)."""
+    if part_spec(index, "scheduler") is None:
+        return {}
+    return json.loads((check_part(root, "scheduler") / "scheduler_config.json").read_text())
+
+
+def load_transformer_and_vae(
+    root: Path, transformer_class: type, vae_class: type, dtype: torch.dtype, device: str | torch.device
+) -> tuple[dict[str, Any], torch.nn.Module, torch.nn.Module | None]:
+    """``(model_index, transformer, vae or None)`` of a one-transformer directory (HunyuanVideo,
+    Qwen-Image), each part straight onto ``device``; the VAE in fp32 because it makes the frames."""
+    index = read_model_index(root)
+    transformer = load_diffusers_model(transformer_class, check_part(root, "transformer"), dtype, device=device)
+    vae = None
+    if part_spec(index, "vae") is not None:
+        vae = load_diffusers_model(vae_class, check_part(root, "vae"), torch.float32, device=device)
+    return index, transformer, vae
 
 
 def load_model_dir(

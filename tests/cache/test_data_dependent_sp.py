@@ -22,7 +22,7 @@ from ditcache.errors import StepSyncError
 from ditcache.models import REFERENCE_DIGITS
 from ditcache.parallel import ParallelGroups, init_parallel
 from ditcache.parallel.testing import run_ranks, values_or_raise
-from ditcache.runtime.pipeline import load_pipeline
+from ditcache.families import load_pipeline
 
 pytestmark = [
     pytest.mark.distributed,

@@ -19,7 +19,7 @@ from ditcache.cache.fixed_interval import fixed_interval_plan
 from ditcache.cache.teacache import relative_l1
 from ditcache.errors import CacheConfigError, CacheStateError
 from ditcache.runtime.loading import ModelSettings
-from ditcache.runtime.pipeline import WanPipeline
+from ditcache.families.wan.pipeline import WanPipeline
 
 STEPS = 6
 SETTINGS = ModelSettings(

@@ -34,8 +34,8 @@ from ditcache.cache.none import NoCache
 from ditcache.errors import CacheConfigError, UnknownModelError
 from ditcache.integrations import cache_session, cache_stats, disable_cache, enable_cache
 from ditcache.runtime.loading import ModelSettings
-from ditcache.runtime.pipeline import Wan22Pipeline
-from ditcache.runtime.pipeline import WanPipeline as DitWanPipeline
+from ditcache.families.wan.pipeline import Wan22Pipeline
+from ditcache.families.wan.pipeline import WanPipeline as DitWanPipeline
 
 STEPS, SHIFT, GUIDANCE = 8, 3.0, 3.0
 COND_LEN, UNCOND_LEN = 6, 4
@@ -372,8 +372,8 @@ def test_errors_are_one_clear_line():
         enable_cache(object(), SKIPPING)
     flux_like = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=torch.nn.Linear(2, 2),
                             scheduler=FlowMatchEulerDiscreteScheduler())
-    with pytest.raises(CacheConfigError, match="pipe.transformer is a Linear; .* supports WanTransformer3DModel, "
-                                               "HunyuanVideoTransformer3DModel, QwenImageTransformer2DModel"):
+    with pytest.raises(CacheConfigError, match="pipe.transformer is a Linear; .* supports HunyuanVideoTransformer3DModel, "
+                                               "QwenImageTransformer2DModel, WanTransformer3DModel"):
         enable_cache(flux_like, SKIPPING)
     with pytest.raises(UnknownModelError, match="unknown model_type 'No-Such-Model'"):
         enable_cache(case.pipe, AdaTaylorConfig(model_type="No-Such-Model"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_parallel_pipeline import torchrun, write_tiny_digit_model
+from conftest import torchrun, write_tiny_digit_model
 
 from ditcache.launch import calibrate
 from ditcache.parallel.testing import run_ranks, values_or_raise
