@@ -123,7 +123,7 @@ FAULTS = {
         'raise ValueError("exploded on purpose")', ["--cfg-parallel", "2", "--ranks", "2"], [PROMPTS[0], BOOM],
         # rank 0 learns of it either from the step sync or from the closed connection, whichever is first
         re.escape("rank 1 failed on request 1 ('a handwritten 9'): ValueError: exploded on purpose; then rank 0: ")
-        + "(StepSyncError|CollectiveError: .* a peer closed its connection)",
+        + "(StepSyncError|CollectiveError: .*a peer closed its connection)",
     ),
     "exit": (
         "os._exit(1)", ["--cfg-parallel", "2", "--ranks", "2"], [PROMPTS[0], BOOM],
@@ -166,7 +166,7 @@ import json, os, types
 from pathlib import Path
 import torch
 from ditcache.parallel import destroy_parallel, init_parallel
-from ditcache.runtime.pipeline import GenerationOutput
+from ditcache.runtime.denoise import GenerationOutput
 
 def run(args):
     # what torchrun would give generate.py: a CFG pair that all-gathers, then tears the group down
