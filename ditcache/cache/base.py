@@ -18,11 +18,13 @@ their residuals differ.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ditcache.cache.context import StepArg
+from ditcache.cache.context import StepArg, branch_name
 
 
 @dataclass
@@ -43,6 +45,23 @@ class BranchStats:
             "taylor_approximations": self.taylor_approximations,
             "reuse_approximations": self.reuse_approximations,
         }
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes held by ``tensors`` (None entries hold nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def stats_by_branch(
+    branches: Mapping[bool, Any], extra: Callable[[bool, Any], dict] = lambda is_cond, state: {}
+) -> dict[str, dict]:
+    """``stats()`` of a cache keeping one state per branch (each with a :class:`BranchStats` as
+    ``.stats``): the branches that ran, cond first, each with ``extra(is_cond, state)`` merged in."""
+    return {
+        branch_name(is_cond): {**state.stats.as_dict(), **extra(is_cond, state)}
+        for is_cond, state in sorted(branches.items(), reverse=True)
+        if state.stats.computed_steps or state.stats.skipped_steps
+    }
 
 
 class BaseFeatureCache(ABC):

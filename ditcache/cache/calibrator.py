@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ditcache import __version__
-from ditcache.cache.base import BaseFeatureCache, BranchStats
+from ditcache.cache.base import BaseFeatureCache, BranchStats, tensor_bytes
 from ditcache.cache.context import StepArg, branch_name, branch_of
 from ditcache.cache.registry import CacheConfig, register_cache
 from ditcache.errors import CacheConfigError, CacheStateError
@@ -169,7 +169,6 @@ class Calibrator(BaseFeatureCache):
             self.statistics.requests[BRANCHES.index(is_cond)] += 1
 
     def approximate(self, input: torch.Tensor, ctx: StepArg) -> torch.Tensor:
-        is_cond = branch_of(ctx)
         raise CacheStateError("the Calibrator computes every step; approximate() must not be called")
 
     def reset(self) -> None:
@@ -189,7 +188,7 @@ class Calibrator(BaseFeatureCache):
         return {branch_name(c): s.as_dict() for c, s in sorted(self._stats.items(), reverse=True)}
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._prev.values())
+        return tensor_bytes(self._prev.values())
 
     def observe_sigmas(self, sigmas: Sequence[float]) -> None:
         """Record the run's noise level per step (the pipeline calls this), so the written curve can

@@ -25,8 +25,8 @@ from typing import ClassVar
 
 import torch
 
-from ditcache.cache.base import BaseFeatureCache, BranchStats
-from ditcache.cache.context import StepArg, branch_name, branch_of
+from ditcache.cache.base import BaseFeatureCache, BranchStats, stats_by_branch, tensor_bytes
+from ditcache.cache.context import StepArg, branch_of
 from ditcache.cache.registry import CacheConfig, register_cache
 from ditcache.cache.teacache import relative_l1, require_context
 from ditcache.errors import CacheConfigError, CacheStateError
@@ -100,19 +100,14 @@ class FirstBlockCache(BaseFeatureCache):
         return self._branches[branch_of(is_cond)].step
 
     def stats(self) -> dict[str, dict]:
-        return {
-            branch_name(c): s.stats.as_dict()
-            for c, s in sorted(self._branches.items(), reverse=True)
-            if s.stats.computed_steps or s.stats.skipped_steps
-        }
+        return stats_by_branch(self._branches)
 
     def release(self) -> None:
         for state in self._branches.values():
             state.first_residual = state.tail_residual = None
 
     def memory_bytes(self) -> int:
-        held = [t for s in self._branches.values() for t in (s.first_residual, s.tail_residual) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held)
+        return tensor_bytes(t for s in self._branches.values() for t in (s.first_residual, s.tail_residual))
 
 
 def _check_threshold(threshold: float) -> None:

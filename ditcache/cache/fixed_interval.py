@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from ditcache.cache.base import BaseFeatureCache, BranchStats
+from ditcache.cache.base import BaseFeatureCache, BranchStats, stats_by_branch, tensor_bytes
 from ditcache.cache.context import StepArg, branch_name, branch_of
 from ditcache.cache.registry import CacheConfig, register_cache
 from ditcache.errors import CacheConfigError, CacheStateError
@@ -119,18 +119,14 @@ class FixedIntervalTaylorCache(BaseFeatureCache):
         return self._branches[branch_of(is_cond)].step
 
     def stats(self) -> dict[str, dict]:
-        return {
-            branch_name(c): {**s.stats.as_dict(), "planned_compute_steps": self.planned_compute_steps(c)}
-            for c, s in sorted(self._branches.items(), reverse=True)
-            if s.stats.computed_steps or s.stats.skipped_steps
-        }
+        return stats_by_branch(self._branches, lambda c, s: {"planned_compute_steps": self.planned_compute_steps(c)})
 
     def release(self) -> None:
         for state in self._branches.values():
             state.factors = []
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self._branches.values() for t in s.factors)
+        return tensor_bytes(t for s in self._branches.values() for t in s.factors)
 
 
 def _check_settings(interval: int, order: int, warmup: int) -> None:

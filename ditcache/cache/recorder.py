@@ -63,7 +63,6 @@ class ResidualRecorder(BaseFeatureCache):
             self._current[bool(is_cond)] = []
 
     def approximate(self, input: torch.Tensor, ctx: StepArg) -> torch.Tensor:
-        is_cond = branch_of(ctx)
         raise CacheStateError("the ResidualRecorder computes every step; approximate() must not be called")
 
     def reset(self) -> None:

@@ -30,8 +30,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ditcache.cache.base import BaseFeatureCache, BranchStats
-from ditcache.cache.context import StepArg, StepContext, branch_name, branch_of, local_sum
+from ditcache.cache.base import BaseFeatureCache, BranchStats, stats_by_branch, tensor_bytes
+from ditcache.cache.context import StepArg, StepContext, branch_of, local_sum
 from ditcache.cache.registry import CacheConfig, register_cache
 from ditcache.errors import CacheConfigError, CacheStateError
 
@@ -177,19 +177,14 @@ class TeaCacheRule(BaseFeatureCache):
         return self._branches[branch_of(is_cond)].step
 
     def stats(self) -> dict[str, dict]:
-        return {
-            branch_name(c): s.stats.as_dict()
-            for c, s in sorted(self._branches.items(), reverse=True)
-            if s.stats.computed_steps or s.stats.skipped_steps
-        }
+        return stats_by_branch(self._branches)
 
     def release(self) -> None:
         for state in self._branches.values():
             state.residual = state.previous_signal = None
 
     def memory_bytes(self) -> int:
-        held = [t for s in self._branches.values() for t in (s.residual, s.previous_signal) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held)
+        return tensor_bytes(t for s in self._branches.values() for t in (s.residual, s.previous_signal))
 
 
 def _check_settings(coefficients: Sequence[float], thresh: float, warmup: int) -> None:

@@ -9,7 +9,6 @@ padded. The caches are NoCache and an AdaTaylorCache whose plan skips steps, so 
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any
 
