@@ -3,6 +3,7 @@
     ditcache generate --prompt "a handwritten 3"        # see `ditcache generate --help`
     ditcache calibrate --model reference --output my.json
     ditcache ray-generate --ranks 2 --prompts-file p.txt --output-dir out/
+    ditcache serve --model reference --port 8000          # HTTP: POST /v1/images/generations
     ditcache list                                       # models with params (shipped + user dir)
     ditcache plan --model Wan2.1-T2V-1.3B --steps 50
     ditcache plan --params-file my.json --steps 30 --json
@@ -127,6 +128,7 @@ LAUNCHERS = {
     "generate": ("ditcache.launch.generate", "generate images or videos (one process, or one rank under torchrun)"),
     "calibrate": ("ditcache.launch.calibrate", "calibrate a model's magnitude-ratio curve into a params file"),
     "ray-generate": ("ditcache.launch.ray_generate", "generate a batch of prompts on a Ray cluster"),
+    "serve": ("ditcache.launch.serve", "serve a model over HTTP on Ray Serve"),
 }
 
 
@@ -161,9 +163,9 @@ def _run_launcher(command: str, argv: list[str]) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name != "ray":
+        if exc.name not in ("ray", "fastapi", "starlette"):
             raise
-        print(f"ditcache {command}: error: Ray is not installed; pip install 'ditcache[ray]'", file=sys.stderr)
+        print(f"ditcache {command}: error: {exc.name} is not installed; pip install 'ditcache[ray]'", file=sys.stderr)
         return 2
     return module.main(argv, prog=f"ditcache {command}")
 

@@ -1,17 +1,21 @@
-"""``ditcache ray-generate`` on one local Ray cluster: same output as ``ditcache generate``, and a
-rank that raises, dies or hangs fails the job with a message naming it, within the timeout."""
+"""``ditcache ray-generate`` on one local 2-CPU Ray cluster: replicas load the model once and serve
+many requests with the same outputs as ``ditcache generate``; a rank that dies, raises or overruns
+fails only its attempt (the replica restarts, the request is retried elsewhere); a killed job resumes."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -21,40 +25,73 @@ from ditcache.launch import generate, ray_generate  # noqa: E402  (after the ski
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-PROMPTS = ["a handwritten 3", "a handwritten 7"]
-BOOM = "a handwritten 9"  # the request on which a faulty entry fails
+REPO = Path(__file__).resolve().parents[2]
+DIGITS = [f"a handwritten {d}" for d in range(10)]
+BOOM = "a handwritten 9"  # the request a fault plan targets
+RAISES = "a handwritten 8"
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (a zombie has exited)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _gone(pids: set[int], timeout_s: float = 20) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _alive(pids)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    """One local 2-CPU cluster for the module (short temp dir: Ray's socket paths have a length limit)."""
+    """One local 2-CPU cluster for the module (short temp dir: Ray's socket paths have a length limit);
+    after ``ray.shutdown()`` no process it started may be left."""
     temp_dir = tempfile.mkdtemp(prefix="rt_", dir="/tmp")
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     yield
+    started = {p.pid for p in psutil.Process().children(recursive=True)} - before
     ray.shutdown()
     if saved is None:
         os.environ.pop("RAY_AUTH_MODE")
     else:
         os.environ["RAY_AUTH_MODE"] = saved
     shutil.rmtree(temp_dir, ignore_errors=True)
+    assert _gone(started), f"processes left after ray.shutdown(): {sorted(_alive(started))}"
 
 
-# The bundled reference model, 8 steps, cache on with the shipped Wan2.1-T2V-1.3B params (it has none
-# of its own yet), so the telemetry has skipped steps.
+# The bundled reference model, 8 steps, cache on with the shipped Wan2.1-T2V-1.3B params, so the
+# telemetry has skipped steps.
 MODEL_ARGS = [
-    "--model", "reference", "--steps", "8", "--model-type", "Wan2.1-T2V-1.3B", "--no-progress", "--timeout", "30"
+    "--model", "reference", "--steps", "8", "--model-type", "Wan2.1-T2V-1.3B", "--no-progress", "--timeout", "30",
 ]
+# Two replicas on the 2-CPU cluster: fractions of a CPU per rank.
+CFG_REPLICAS = ["--cfg-parallel", "2", "--ranks", "4", "--cpus-per-rank", "0.5"]
+ONE_RANK_REPLICAS = ["--ranks", "2", "--cpus-per-rank", "0.5"]
 
 
-def _prompts(args: list[str], prompts: list[str]) -> list[str]:
-    return [*args, *(a for p in prompts for a in ("--prompt", p))]
+def _argv(args: list[str], prompts: list[str], out: Path, *extra: str) -> list[str]:
+    return [*MODEL_ARGS, *args, "--output-dir", str(out), "--load-timeout", "180", *extra,
+            *(a for p in prompts for a in ("--prompt", p))]
+
+
+def _parse(argv: list[str]):
+    return ray_generate.build_parser().parse_args(argv)
 
 
 def _placement_released() -> bool:
     """Every placement group removed and both CPUs free again (teardown is asynchronous)."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         groups = ray.util.placement_group_table().values()
         if all(g["state"] == "REMOVED" for g in groups) and ray.available_resources().get("CPU") == 2:
@@ -63,147 +100,210 @@ def _placement_released() -> bool:
     return False
 
 
-# --ranks 2 as one CFG pair (two requests one after the other) or as two replicas (one request each)
-LAYOUTS = {"cfg-pair": ["--cfg-parallel", "2"], "two-replicas": []}
+_SINGLE: dict[str, generate.RunResult] = {}
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_two_actor_job_matches_single_process_runs(layout, tmp_path):
-    args = ray_generate.build_parser().parse_args(
-        _prompts(
-            [*MODEL_ARGS, *LAYOUTS[layout], "--ranks", "2", "--output-dir", str(tmp_path / "ray"),
-             "--request-timeout", "120"],
-            PROMPTS,
-        )
-    )
-    job = ray_generate.run(args, keep_frames=True)
-    assert [r.label for r in job.results] == PROMPTS
-    assert {r.replica for r in job.results} == ({0} if layout == "cfg-pair" else {0, 1})
-    assert [Path(r.path).name for r in job.results] == ["000-a-handwritten-3.png", "001-a-handwritten-7.png"]
-    written = json.loads(job.results_file.read_text())
-
-    for i, (prompt, result) in enumerate(zip(PROMPTS, job.results)):
-        single_args = [*MODEL_ARGS, "--prompt", prompt, "--output", str(tmp_path / f"{i}.png")]
-        single = generate.run(generate.build_parser().parse_args(single_args))
-        torch.testing.assert_close(result.output.frames, single.output.frames, atol=1e-4, rtol=0)
-        assert result.output.stack_passes == single.output.stack_passes
-        assert result.output.cache_stats == single.output.cache_stats
-        assert written[i]["summary"] == result.output.summary() and written[i]["path"] == result.path
-        assert written[i]["stack_passes"] == single.output.stack_passes
-        assert Path(result.path).stat().st_size > 0
-        if layout == "cfg-pair":  # the cfg pair exchanged telemetry: rank 0 reports both branches
-            assert set(result.rank_wall_time_s) == {0, 1} and set(result.output.branch_steps) == {"cond", "uncond"}
-    # the cache did something, and the telemetry says so
-    assert "4 skipped" in job.results[0].output.summary()
-    assert _placement_released()
+def _single_process(prompt: str, tmp_path: Path) -> generate.RunResult:
+    """``ditcache generate --prompt prompt`` (same seed) in this process, once per prompt."""
+    if prompt not in _SINGLE:
+        argv = [*MODEL_ARGS, "--prompt", prompt, "--output", str(tmp_path / f"single-{len(_SINGLE)}.png")]
+        _SINGLE[prompt] = generate.run(generate.build_parser().parse_args(argv))
+    return _SINGLE[prompt]
 
 
+def _assert_matches_single_process(result, tmp_path: Path) -> None:
+    single = _single_process(result.label, tmp_path)
+    torch.testing.assert_close(result.output.frames, single.output.frames, atol=1e-4, rtol=0)
+    assert result.output.stack_passes == single.output.stack_passes
+    assert result.output.cache_stats == single.output.cache_stats
+
+
+# A RankServer whose serve() runs the fault the plan beside this file names for the request's prompt,
+# on the plan's replica rank; "once" faults fire on the first attempt of the whole job only.
 FAULTY_ENTRY = '''
-import itertools, os, time
+import itertools, json, os, signal, time
+from pathlib import Path
+from ditcache.launch.ray_rank import RankServer
 from ditcache.parallel.groups import Group
-from ditcache.launch.ray_cluster import load_entry
 
-def run(args):
-    # On the BOOM request the last rank fails: at its third all-gather (mid-run, its CFG partner
-    # waiting in the same collective) or, with no peer, as it starts. Every other rank generates.
-    if args.prompt == [{boom}] and os.environ["RANK"] == str(int(os.environ["WORLD_SIZE"]) - 1):
-        calls, all_gather = itertools.count(1), Group.all_gather
+PLAN = Path(__file__).with_suffix(".json")
 
-        def fail(*_):
-            {fault}
 
-        if os.environ["WORLD_SIZE"] == "1":
-            fail()
-        Group.all_gather = lambda *a, **k: fail() if next(calls) == 3 else all_gather(*a, **k)
-    return load_entry("ditcache.launch.generate:run")(args)
-'''
-# fault -> (the fault, the job: layout and prompts, a pattern for what the job's error says)
+def explode():
+    raise ValueError("exploded on purpose")
+
+
 FAULTS = {
-    "raise": (
-        'raise ValueError("exploded on purpose")', ["--cfg-parallel", "2", "--ranks", "2"], [PROMPTS[0], BOOM],
-        # rank 0 learns of it either from the step sync or from the closed connection, whichever is first
-        re.escape("rank 1 failed on request 1 ('a handwritten 9'): ValueError: exploded on purpose; then rank 0: ")
-        + "(StepSyncError|CollectiveError: .*a peer closed its connection)",
-    ),
-    "exit": (
-        "os._exit(1)", ["--cfg-parallel", "2", "--ranks", "2"], [PROMPTS[0], BOOM],
-        re.escape("rank 1 failed on request 1 ('a handwritten 9'): its actor process died"),
-    ),
-    # one rank: the deadline is the only thing that can end its request
-    "hang": (
-        "time.sleep(3600)", ["--ranks", "1"], [BOOM],
-        re.escape("request 0 ('a handwritten 9') did not finish within 10 s: rank(s) [0] still running"),
-    ),
+    "raise": explode,
+    "sigkill": lambda: os.kill(os.getpid(), signal.SIGKILL),
+    "hang": lambda: time.sleep(3600),
 }
 
 
-@pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_failing_rank_fails_the_job_naming_it(fault, tmp_path, capsys):
-    code, layout, prompts, message = FAULTS[fault]
-    entry = tmp_path / "faulty.py"
-    entry.write_text(textwrap.dedent(FAULTY_ENTRY).replace("{fault}", code).replace("{boom}", repr(BOOM)))
-    timeout = 10 if fault == "hang" else 60
-    argv = _prompts(
-        [*MODEL_ARGS, *layout, "--output-dir", str(tmp_path / "out"), "--entry", f"{entry}:run",
-         "--request-timeout", str(timeout)],
-        prompts,
-    )
-    started = time.monotonic()
-    assert ray_generate.main(argv) == 1
-    elapsed = time.monotonic() - started
-    err = capsys.readouterr().err
-    assert re.search(message, err), err
-    assert "Traceback" not in err
-    assert not (tmp_path / "out" / "results.json").exists()
-    # A hang ends at the deadline (plus actor startup); a death or exception ends the job before its
-    # request's deadline could have passed (and the message above is the rank's, not a timeout).
-    assert timeout <= elapsed < timeout + 30 if fault == "hang" else elapsed < timeout, elapsed
-    assert _placement_released()
+class Server(RankServer):
+    def serve(self, args):
+        plan = json.loads(PLAN.read_text()).get(args.prompt[0])
+        if not plan or os.environ["RANK"] != str(plan["rank"]) or not self.arm(plan, args.prompt[0]):
+            return super().serve(args)
+        fault = FAULTS[plan["fault"]]
+        if self.groups.config.world_size == 1:
+            fault()
+        # mid-request: at this rank's third all-gather, its CFG partner waiting in the same collective
+        calls, all_gather = itertools.count(1), Group.all_gather
+        Group.all_gather = lambda *a, **k: fault() if next(calls) == 3 else all_gather(*a, **k)
+        try:
+            return super().serve(args)
+        finally:
+            Group.all_gather = all_gather
 
-
-PROCESS_GROUP_ENTRY = '''
-import json, os, types
-from pathlib import Path
-import torch
-from ditcache.parallel import destroy_parallel, init_parallel
-from ditcache.runtime.denoise import GenerationOutput
-
-def run(args):
-    # what torchrun would give generate.py: a CFG pair that all-gathers, then tears the group down
-    groups = init_parallel(cfg_degree=2, timeout_s=20)
-    gathered = [int(r) for r in groups.cfg.all_gather(torch.tensor([groups.rank]))]
-    destroy_parallel(groups)
-    env = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-    Path(args.output + f".rank{groups.rank}.json").write_text(json.dumps([gathered, env]))
-    output = GenerationOutput(
-        frames=torch.zeros(1, 1, 1, 1, 1), cache_stats={}, stack_passes={"transformer": {"cond": 3, "uncond": 4}},
-        branch_steps={"cond": 5, "uncond": 5}, expert_steps={}, cache_memory_bytes={"transformer": 10 + groups.rank},
-        sigmas=[], timesteps=[], wall_time_s=1.0 + groups.rank,
-    )
-    return types.SimpleNamespace(output=output, path=args.output if groups.rank == 0 else "not rank 0")
+    def arm(self, plan, prompt):
+        if not plan.get("once"):
+            return True
+        try:
+            os.close(os.open(PLAN.with_name(prompt.replace(" ", "-") + ".fired"), os.O_CREAT | os.O_EXCL))
+            return True
+        except FileExistsError:
+            return False
 '''
 
 
-def test_cfg_pair_forms_a_process_group_per_request(tmp_path):
-    from argparse import Namespace
+def _faulty_entry(tmp_path: Path, plan: dict) -> str:
+    entry = tmp_path / "faulty.py"
+    entry.write_text(textwrap.dedent(FAULTY_ENTRY))
+    entry.with_suffix(".json").write_text(json.dumps(plan))
+    return f"{entry}:Server"
 
-    from ditcache.parallel.config import ParallelConfig
-    from ditcache.launch.ray_cluster import RayRanks, Request
 
-    entry = tmp_path / "pg.py"
-    entry.write_text(PROCESS_GROUP_ENTRY)
-    requests = [Request(f"r{i}", Namespace(output=str(tmp_path / f"out-{i}"))) for i in range(2)]
-    with RayRanks(ParallelConfig(cfg_degree=2, world_size=2), entry=f"{entry}:run") as ranks:
-        ranks.start(timeout_s=60)
-        results = ranks.run(requests, timeout_s=60)  # the second request re-forms the torn-down group
-    assert [Path(r.path).name for r in results] == ["out-0", "out-1"] and {r.replica for r in results} == {0}
-    for i, rank in ((i, rank) for i in range(2) for rank in range(2)):
-        gathered, env = json.loads((tmp_path / f"out-{i}.rank{rank}.json").read_text())
-        assert gathered == [0, 1]
-        assert env == {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    assert results[1].output.stack_passes == {"transformer": {"cond": 3, "uncond": 4}}
-    assert results[1].output.wall_time_s == 1.0 and results[1].rank_wall_time_s == {0: 1.0, 1: 2.0}
-    assert results[1].rank_cache_memory_bytes == {0: {"transformer": 10}, 1: {"transformer": 11}}
+def test_twelve_requests_on_two_cfg_replicas_match_single_process_runs_through_a_killed_rank(tmp_path):
+    """12 requests on 2 replicas of a CFG pair each; one request's rank 1 is SIGKILLed at its third
+    all-gather: that attempt fails naming the rank, the request succeeds on the other replica, the
+    killed replica restarts (loading its model again) and the job completes."""
+    # BOOM first, so the killed replica's restart overlaps the other's work; two prompts repeat (each
+    # request still gets its own file)
+    prompts = [BOOM, *DIGITS[:9], DIGITS[0], DIGITS[1]]
+    entry = _faulty_entry(tmp_path, {BOOM: {"fault": "sigkill", "rank": 1, "once": True}})
+    job = ray_generate.run(
+        _parse(_argv(CFG_REPLICAS, prompts, tmp_path / "ray", "--entry", entry, "--request-timeout", "60")),
+        keep_frames=True,
+    )
+    assert [r.label for r in job.results] == prompts and job.record.status == "done"
+    assert [Path(r.path).name for r in job.results][:2] == ["000-a-handwritten-9.png", "001-a-handwritten-0.png"]
+    written = json.loads(job.results_file.read_text())
+    assert written["status"] == "done"
+    assert written["layout"] == {"replicas": 2, "ranks_per_replica": 2, "cfg": 2, "sp": 1, "ring": 1}
+    for result, entry_record in zip(job.results, written["requests"]):
+        _assert_matches_single_process(result, tmp_path)
+        assert entry_record["status"] == "done"
+        assert entry_record["result"]["summary"] == result.output.summary()
+        assert entry_record["result"]["path"] == result.path and Path(result.path).stat().st_size > 0
+        # the cfg pair exchanged telemetry: the replica's rank 0 reports both branches
+        assert len(result.rank_wall_time_s) == 2 and set(result.output.branch_steps) == {"cond", "uncond"}
+        # serving never loads: every rank still counts the one model it loaded at start
+        assert set(result.rank_model_loads.values()) == {1}
+    assert "4 skipped" in job.results[0].output.summary()  # the cache did something
+
+    boom = job.record.requests[0]
+    first, second = boom.attempts
+    killed = first.replica
+    assert first.status == "failed" and second.status == "done" and second.replica == 1 - killed
+    assert first.error.startswith(
+        f"rank {2 * killed + 1} failed on request 0 ('{BOOM}') on replica {killed}: its actor process died"
+    ), first.error
+    assert all(len(r.attempts) == 1 for r in job.record.requests if r.prompt != BOOM)
+    # Every rank process loaded its model exactly once: the killed replica's two processes per rank
+    # (before and after the restart) count 2 per global rank, the other replica's 1.
+    assert set(job.record.loads.values()) == {1} and len(job.record.loads) == 6
+    assert job.record.replica_starts == {killed: 2, 1 - killed: 1}
+    loads = {2 * killed: 2, 2 * killed + 1: 2, 2 * (1 - killed): 1, 2 * (1 - killed) + 1: 1}
+    assert job.record.model_loads() == dict(sorted(loads.items()))
+    assert written["model_loads"] == {str(r): n for r, n in sorted(loads.items())}
+    assert _gone({pid for _, pid in job.record.loads})
+    assert _placement_released()
+
+
+def test_request_over_timeout_or_raising_fails_with_its_message_and_the_others_complete(tmp_path, capsys):
+    """With --retries 0: a request that hangs past --request-timeout and one whose rank raises each
+    fail once with their message (their replicas restart); the other requests complete."""
+    entry = _faulty_entry(tmp_path, {BOOM: {"fault": "hang", "rank": 0}, RAISES: {"fault": "raise", "rank": 0}})
+    prompts = [DIGITS[0], BOOM, RAISES, DIGITS[1], DIGITS[2]]
+    started = time.monotonic()
+    code = ray_generate.main(_argv(ONE_RANK_REPLICAS, prompts, tmp_path / "out", "--entry", entry,
+                                   "--request-timeout", "6", "--retries", "0"))
+    elapsed = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert record["status"] == "failed"
+    assert [r["status"] for r in record["requests"]] == ["done", "failed", "failed", "done", "done"]
+    (hung,), (raised,) = record["requests"][1]["attempts"], record["requests"][2]["attempts"]
+    assert hung["error"] == (
+        f"request 1 ('{BOOM}') did not finish within 6 s on replica {hung['replica']}: "
+        f"rank(s) [{hung['replica']}] still running"
+    )
+    assert raised["error"] == (
+        f"rank {raised['replica']} failed on request 2 ('{RAISES}') on replica {raised['replica']}: "
+        "ValueError: exploded on purpose"
+    )
+    assert f"error: request 1 ('{BOOM}') failed: request 1 ('{BOOM}') did not finish within 6 s" in err
+    assert f"error: request 2 ('{RAISES}') failed: rank " in err and "Traceback" not in err
+    assert "3 request(s) done on 2 replica(s) x 1 rank(s)" in out and "2 failed" in out
+    # two failed attempts, two restarts; the deadline, not the hang, ended the job
+    assert sum(record["replica_starts"].values()) == 4
+    assert elapsed < 150, elapsed
+    assert _placement_released()
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _status(results: Path) -> list[str]:
+    try:
+        return [r["status"] for r in json.loads(results.read_text())["requests"]]
+    except (OSError, ValueError):
+        return []
+
+
+def test_resume_after_a_killed_job_runs_only_what_was_not_done(tmp_path):
+    """The driver, run as its own process on this cluster, is SIGKILLed while a request hangs; the
+    record it leaves says what was done, and --resume runs the rest (and a done request whose output
+    went missing)."""
+    prompts = [DIGITS[0], DIGITS[1], BOOM, DIGITS[3]]
+    out = tmp_path / "out"
+    entry = _faulty_entry(tmp_path, {BOOM: {"fault": "hang", "rank": 0}})
+    argv = _argv(["--ranks", "1", "--cpus-per-rank", "0.5"], prompts, out, "--entry", entry)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    address = ray.get_runtime_context().gcs_address
+    log = tmp_path / "driver.log"
+    with log.open("wb") as sink:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "ditcache.launch.ray_generate", "--address", address, *argv],
+            env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for(lambda: _status(out / "results.json") == ["done", "done", "running", "pending"] or
+                  driver.poll() is not None, 120, "the job to reach its hanging request")
+        assert driver.poll() is None, log.read_text()
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    record = json.loads((out / "results.json").read_text())
+    assert record["status"] == "running" and _status(out / "results.json") == ["done", "done", "running", "pending"]
+
+    (out / "001-a-handwritten-1.png").unlink()  # done, but its output is gone: it runs again
+    Path(entry.rpartition(":")[0]).with_suffix(".json").write_text("{}")  # no more hang
+    job = ray_generate.run(_parse([*argv, "--resume", "--request-timeout", "60"]))
+    assert [r.index for r in job.results] == [1, 2, 3]
+    assert [(r.status, r.resumed) for r in job.record.requests] == [
+        ("done", True), ("done", False), ("done", False), ("done", False)
+    ]
+    assert all(len(r.attempts) == 1 for r in job.record.requests)
+    assert job.record.model_loads() == {0: 1}
+    assert json.loads(job.results_file.read_text())["status"] == "done"
+    assert all((out / f"{i:03d}-{ray_generate.slug(p)}.png").is_file() for i, p in enumerate(prompts))
     assert _placement_released()
 
 
@@ -215,3 +315,9 @@ def test_argument_errors_exit_2_before_starting_ranks(tmp_path, capsys):
     assert f"--prompts-file {missing} does not exist" in capsys.readouterr().err
     assert ray_generate.main(["--prompt", "a 3", "--output", str(tmp_path / "x.png")]) == 2
     assert "--output-dir" in capsys.readouterr().err
+    (tmp_path / "000-a-3.png").write_bytes(b"")
+    assert ray_generate.main(["--prompt", "a 3", "--output-dir", str(tmp_path)]) == 2
+    assert "000-a-3.png already exists" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text(json.dumps({"settings": {"seed": "1"}, "requests": []}))
+    assert ray_generate.main(["--prompt", "a 3", "--output-dir", str(tmp_path), "--resume"]) == 2
+    assert "was written with other settings" in capsys.readouterr().err
