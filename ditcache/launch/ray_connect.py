@@ -35,6 +35,7 @@ from ditcache.errors import DitCacheError
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
 _CLIENT_PREFIX = "ray://"
 _RETRY_S = 0.25
+_REAPERS: list[subprocess.Popen] = []  # one per local cluster this process started, until disconnect()
 
 
 class RayConnectError(DitCacheError, ConnectionError):
@@ -148,6 +149,3 @@ def disconnect(timeout_s: float = 30.0) -> None:
             reaper.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             reaper.kill()
-
-
-_REAPERS: list[subprocess.Popen] = []

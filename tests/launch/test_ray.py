@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
 
 from ditcache.launch import generate, ray_generate  # noqa: E402  (after the skip: it imports ray)
+from ray_local import gone, local_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -31,43 +29,10 @@ BOOM = "a handwritten 9"  # the request a fault plan targets
 RAISES = "a handwritten 8"
 
 
-def _alive(pids: set[int]) -> set[int]:
-    """Those of ``pids`` still running (a zombie has exited)."""
-    alive = set()
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.add(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
-def _gone(pids: set[int], timeout_s: float = 20) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return not _alive(pids)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    """One local 2-CPU cluster for the module (short temp dir: Ray's socket paths have a length limit);
-    after ``ray.shutdown()`` no process it started may be left."""
-    temp_dir = tempfile.mkdtemp(prefix="rt_", dir="/tmp")
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    yield
-    started = {p.pid for p in psutil.Process().children(recursive=True)} - before
-    ray.shutdown()
-    if saved is None:
-        os.environ.pop("RAY_AUTH_MODE")
-    else:
-        os.environ["RAY_AUTH_MODE"] = saved
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    assert _gone(started), f"processes left after ray.shutdown(): {sorted(_alive(started))}"
+    with local_cluster("rt_"):
+        yield
 
 
 # The bundled reference model, 8 steps, cache on with the shipped Wan2.1-T2V-1.3B params, so the
@@ -217,7 +182,7 @@ def test_twelve_requests_on_two_cfg_replicas_match_single_process_runs_through_a
     loads = {2 * killed: 2, 2 * killed + 1: 2, 2 * (1 - killed): 1, 2 * (1 - killed) + 1: 1}
     assert job.record.model_loads() == dict(sorted(loads.items()))
     assert written["model_loads"] == {str(r): n for r, n in sorted(loads.items())}
-    assert _gone({pid for _, pid in job.record.loads})
+    assert gone({pid for _, pid in job.record.loads})
     assert _placement_released()
 
 

@@ -8,11 +8,9 @@ import base64
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 from PIL import Image
 
@@ -30,6 +27,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install
 
 from ditcache.launch import generate, serve  # noqa: E402  (after the skips: it imports Ray Serve)
 from ditcache.parallel.testing import free_port  # noqa: E402
+from ray_local import local_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -40,23 +38,8 @@ IMAGES, VIDEOS = "/v1/images/generations", "/v1/videos/generations"
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    """One local 2-CPU cluster (short temp dir: Ray's socket paths have a length limit); after
-    ``ray.shutdown()`` no process it or the test started may be left."""
-    temp_dir = tempfile.mkdtemp(prefix="rs_", dir="/tmp")
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    yield
-    started = {p.pid for p in psutil.Process().children(recursive=True)} - before
-    ray.shutdown()
-    if saved is None:
-        os.environ.pop("RAY_AUTH_MODE")
-    else:
-        os.environ["RAY_AUTH_MODE"] = saved
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    _, alive = psutil.wait_procs([psutil.Process(p) for p in started if psutil.pid_exists(p)], timeout=20)
-    assert not alive, f"processes left after ray.shutdown(): {[p.pid for p in alive]}"
+    with local_cluster("rs_"):
+        yield
 
 
 def _call(url: str, body: dict[str, Any] | None = None, timeout_s: float = 180) -> tuple[int, dict[str, Any]]:
