@@ -111,6 +111,10 @@ class FamilyAdapter(torch.nn.Module, ABC):
         """Patch size of the latent grid (frames, height, width or height, width)."""
         return tuple(self.transformer.config.patch_size)
 
+    def max_positions(self) -> int | None:
+        """The most patch positions along one axis that the rotary embedding covers (None: no table)."""
+        return None
+
     def forward(
         self,
         hidden_states: torch.Tensor,

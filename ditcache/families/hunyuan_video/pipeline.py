@@ -26,6 +26,7 @@ from ditcache.errors import ParamsError
 from ditcache.families.hunyuan_video.adapter import HunyuanVideoAdapter
 from ditcache.parallel import ParallelGroups
 from ditcache.runtime.denoise import CacheArg, DenoisingPipeline, GenerationOutput, cache_from_arguments
+from ditcache.runtime.limits import check_size
 from ditcache.runtime.loading import ModelSettings, load_transformer_and_vae, part_spec, scheduler_config
 from ditcache.runtime.request import (
     check_guidance,
@@ -315,7 +316,9 @@ class HunyuanVideoPipeline(DenoisingPipeline):
         device, dtype = model.device, model.dtype
         height = settings.height if height is None else height
         width = settings.width if width is None else width
-        frames, h, w = self._latent_grid(height, width, settings.num_frames if num_frames is None else num_frames)
+        num_frames = settings.num_frames if num_frames is None else num_frames
+        frames, h, w = self._latent_grid(height, width, num_frames)
+        check_size(self.adapter, (frames, h, w), batch, {"num_frames": num_frames, "height": height, "width": width})
         kind = self.image_condition_type
         channels = model.config.in_channels if kind != "latent_concat" else (model.config.in_channels - 1) // 2
         latents = initial_noise((batch, channels, frames, h, w), seed).to(device)

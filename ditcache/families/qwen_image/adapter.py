@@ -40,6 +40,13 @@ class QwenImageAdapter(FamilyAdapter):
         p = self.transformer.config.patch_size
         return (p, p)
 
+    def max_positions(self) -> int:
+        """Qwen-Image's rotary table has ``len(pos_freqs)`` positions; with ``scale_rope`` an axis is
+        centred on 0, so it spans twice that (the text tokens follow the image's largest index)."""
+        rope = self.transformer.pos_embed
+        size = rope.pos_freqs.shape[0]
+        return 2 * size if rope.scale_rope else size
+
     def embed(
         self,
         hidden_states: torch.Tensor,

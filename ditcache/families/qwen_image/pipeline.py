@@ -30,6 +30,7 @@ from ditcache.errors import ParamsError
 from ditcache.families.qwen_image.adapter import QwenImageAdapter
 from ditcache.parallel import ParallelGroups
 from ditcache.runtime.denoise import CacheArg, DenoisingPipeline, GenerationOutput, cache_from_arguments
+from ditcache.runtime.limits import check_size
 from ditcache.runtime.loading import ModelSettings, load_transformer_and_vae, part_spec, scheduler_config
 from ditcache.runtime.request import (
     check_guidance,
@@ -374,7 +375,10 @@ class QwenImagePipeline(DenoisingPipeline):
                 raise ParamsError(f"{uncond.embeds.shape[0]} negative conditionings for {batch} prompts")
 
         device, dtype = model.device, model.dtype
-        h, w = self._latent_size(settings.height if height is None else height, settings.width if width is None else width)
+        height = settings.height if height is None else height
+        width = settings.width if width is None else width
+        h, w = self._latent_size(height, width)
+        check_size(self.adapter, (h, w), batch, {"height": height, "width": width})
         references = self._check_references(reference_latents or [], batch)
         p = self.adapter.patch_size[0]
         shapes = [(1, h // p, w // p)] + [(1, r.shape[2] // p, r.shape[3] // p) for r in references]

@@ -79,6 +79,10 @@ class WanAdapter(FamilyAdapter):
             hidden_states = block(hidden_states, **state.block_kwargs)
             yield hidden_states
 
+    def max_positions(self) -> int:
+        """Wan precomputes its rotary table for ``rope_max_seq_len`` positions per axis."""
+        return self.transformer.rope.max_seq_len
+
     def modulation(self, state: StackState) -> torch.Tensor:
         """The first block's timestep modulation ``timestep_proj`` (TeaCache's ``e0`` for Wan)."""
         return state.block_kwargs["temb"]

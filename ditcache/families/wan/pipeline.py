@@ -30,6 +30,7 @@ from ditcache.families.registry import adapter_for
 from ditcache.parallel import ParallelGroups
 from ditcache.runtime.adapter import FamilyAdapter
 from ditcache.runtime.denoise import CacheArg, DenoisingPipeline, GenerationOutput, cache_from_arguments
+from ditcache.runtime.limits import check_size
 from ditcache.runtime.loading import LoadedModel, ModelSettings, load_model_dir
 from ditcache.runtime.request import (
     check_guidance,
@@ -196,6 +197,8 @@ class WanPipeline(DenoisingPipeline):
         grid = latent_grid(
             height, width, num_frames, spatial_scale=s_s, temporal_scale=s_t, patch_size=self._model.config.patch_size
         )
+        sizes = {"num_frames": num_frames, "height": height, "width": width}
+        check_size(self.adapters[self.expert_names[0]], grid, batch, sizes)
         return (batch, self._model.config.out_channels, *grid)
 
     # -- experts ----------------------------------------------------------------------------------
