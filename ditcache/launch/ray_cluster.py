@@ -179,9 +179,21 @@ def _root_cause_order(exc: BaseException) -> int:
     return 1
 
 
-def failure_message(what: str, failures: dict[int, BaseException]) -> str:
+def failure_message(what: str, failures: dict[int, BaseException], silent: Sequence[int] = ()) -> str:
     """``"rank R <what>: <cause>"`` for the failure closest to the root cause (``failures`` in arrival
-    order), then the other ranks' different causes."""
+    order), then the other ranks' different causes.
+
+    ``silent`` are the ranks that neither finished nor failed in the grace period. When every
+    failure is a peer giving up on a collective or step check, a silent rank (stopped or hung) is
+    the cause, not the ranks that waited for it, so the message names it first.
+    """
+    silent = sorted(r for r in silent if r not in failures)
+    if silent and all(_root_cause_order(e) == 2 for e in failures.values()):
+        prefix = (
+            f"rank(s) {silent} stopped responding (neither finished nor failed while the other ranks "
+            "timed out waiting for them); "
+        )
+        return prefix + failure_message(what, failures)
     # min() keeps arrival order among equals, so the first of the most basic failures wins.
     first = min(failures, key=lambda r: _root_cause_order(failures[r]))
     described = {r: describe_error(e) for r, e in failures.items()}
@@ -241,7 +253,8 @@ def gather(pending: dict[Any, int], timeout_s: float, call: str) -> dict[int, An
             grace = min(ROOT_CAUSE_GRACE_S, max(0.0, deadline - time.monotonic()))
             failures = collect_failures(pending, (rank, exc), grace)
             unfinished = [ref for ref, r in pending.items() if r not in failures]
-            raise RanksFailed(failure_message(f"failed on {call}", failures), failures, unfinished) from None
+            message = failure_message(f"failed on {call}", failures, list(pending.values()))
+            raise RanksFailed(message, failures, unfinished) from None
     return values
 
 

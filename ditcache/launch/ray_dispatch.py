@@ -211,9 +211,8 @@ class Dispatcher:
         if work.request is None:
             raise RayJobError(failure_message(f"failed to load on replica {replica.index}", failures))
         label = self.requests[work.request].label
-        self._retry_elsewhere(
-            replica, work, failure_message(f"failed on request {work.request} ({label!r}) on replica {replica.index}", failures)
-        )
+        what = f"failed on request {work.request} ({label!r}) on replica {replica.index}"
+        self._retry_elsewhere(replica, work, failure_message(what, failures, list(work.pending.values())))
 
     def _overran(self, replica: Replica, work: _Work) -> None:
         running = sorted(work.pending.values())

@@ -1,7 +1,7 @@
 """``ditcache calibrate`` on 1, 2 and 4 ranks over the same prompts writes the same curve, once.
 
 Every layout runs the real entry (``calibrate.run``) on a tiny pixel-space model directory with 15
-image tokens (the SP shards are 8 + 7): CFG-parallel ranks each measure one branch, SP ranks their
+image tokens (the SP shards are 8 + 7): CFG-parallel ranks each measure one branch, SP ranks (Ulysses or ring) their
 shard, data-parallel replicas half of the prompt batches; one all-reduce pools the sums and counts,
 rank 0 writes.
 """
@@ -21,8 +21,8 @@ from ditcache.parallel.testing import run_ranks, values_or_raise
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 PROMPTS = ["a handwritten 3", "seven", "digit 1", "a handwritten 8"]  # 4 batches of 1
-# name -> (world, cfg, sp): replicas are what is left, world / (cfg x sp)
-LAYOUTS = {"cfg2": (2, 2, 1), "dp2_sp2": (4, 1, 2), "dp2_cfg2": (4, 2, 1)}
+# name -> (world, cfg, ulysses, ring): replicas are what is left, world / (cfg x ulysses x ring)
+LAYOUTS = {"cfg2": (2, 2, 1, 1), "dp2_sp2": (4, 1, 2, 1), "dp2_cfg2": (4, 2, 1, 1), "ring2": (2, 1, 1, 2)}
 
 
 def _args(model: Path, output: Path, *extra: str) -> list[str]:
@@ -36,8 +36,8 @@ def _calibrate(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     return (None if path is None else str(path)), data
 
 
-def _rank_job(rank: int, world: int, model: str, out_dir: str, cfg: int, sp: int) -> dict[str, Any]:
-    parallel = ["--cfg-parallel", str(cfg), "--sp", str(sp), "--timeout", "180"]
+def _rank_job(rank: int, world: int, model: str, out_dir: str, cfg: int, ulysses: int, ring: int) -> dict[str, Any]:
+    parallel = ["--cfg-parallel", str(cfg), "--ulysses", str(ulysses), "--ring", str(ring), "--timeout", "180"]
     result = {"guided": _calibrate(_args(Path(model), Path(out_dir) / "guided.json", *parallel))}
     if cfg == 1:  # guidance off: no uncond branch anywhere (and none to give a CFG partner)
         off = _args(Path(model), Path(out_dir) / "off.json", "--guidance-scale", "1", *parallel)
@@ -67,8 +67,8 @@ def _max_curve_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_every_layout_writes_the_single_process_curve_once(name, model, single, tmp_path):
-    world, cfg, sp = LAYOUTS[name]
-    ranks = values_or_raise(run_ranks(_rank_job, world, str(model), str(tmp_path), cfg, sp, timeout_s=420))
+    world, cfg, ulysses, ring = LAYOUTS[name]
+    ranks = values_or_raise(run_ranks(_rank_job, world, str(model), str(tmp_path), cfg, ulysses, ring, timeout_s=420))
     runs = ["guided", "guidance_off"] if cfg == 1 else ["guided"]
     for run in runs:
         paths = [r[run][0] for r in ranks]

@@ -102,6 +102,7 @@ FAULTS = {
     "raise": explode,
     "sigkill": lambda: os.kill(os.getpid(), signal.SIGKILL),
     "hang": lambda: time.sleep(3600),
+    "sigstop": lambda: os.kill(os.getpid(), signal.SIGSTOP),
 }
 
 
@@ -215,6 +216,23 @@ def test_request_over_timeout_or_raising_fails_with_its_message_and_the_others_c
     # two failed attempts, two restarts; the deadline, not the hang, ended the job
     assert sum(record["replica_starts"].values()) == 4
     assert elapsed < 150, elapsed
+    assert _placement_released()
+
+
+def test_a_stopped_rank_is_named_not_the_partner_that_timed_out_waiting_for_it(tmp_path):
+    """Rank 0 of a CFG pair is SIGSTOPped mid-request: its partner's collective times out, and the
+    attempt's error names rank 0 as the one that stopped responding."""
+    entry = _faulty_entry(tmp_path, {BOOM: {"fault": "sigstop", "rank": 0}})
+    args = [arg if arg != "30" else "4" for arg in MODEL_ARGS]  # --timeout 4: collectives give up fast
+    argv = [*args, *CFG_REPLICAS[:2], "--ranks", "2", "--cpus-per-rank", "1", "--output-dir", str(tmp_path / "out"),
+            "--load-timeout", "180", "--entry", entry, "--request-timeout", "60", "--retries", "0", "--prompt", BOOM]
+    started = time.monotonic()
+    code = ray_generate.main(argv)
+    assert code == 1
+    (attempt,) = json.loads((tmp_path / "out" / "results.json").read_text())["requests"][0]["attempts"]
+    assert attempt["error"].startswith("rank(s) [0] stopped responding (neither finished nor failed"), attempt
+    assert f"; rank 1 failed on request 0 ('{BOOM}') on replica 0: StepSyncError" in attempt["error"], attempt
+    assert time.monotonic() - started < 120
     assert _placement_released()
 
 
