@@ -46,6 +46,7 @@ _EXPORTS = {
     "Wan22Pipeline": "ditcache.families.wan.pipeline",
     "WanPipeline": "ditcache.families.wan.pipeline",
     "load_pipeline": "ditcache.families",
+    "compile_pipeline": "ditcache.runtime.compile",
     # diffusers integration
     "cache_stats": "ditcache.integrations",
     "disable_cache": "ditcache.integrations",
@@ -96,4 +97,5 @@ if TYPE_CHECKING:
     from ditcache.families.hunyuan_video.pipeline import HunyuanVideoPipeline
     from ditcache.families.qwen_image.pipeline import QwenImagePipeline
     from ditcache.families.wan.pipeline import Wan22Pipeline, WanPipeline
+    from ditcache.runtime.compile import compile_pipeline
     from ditcache.runtime.denoise import GenerationOutput

@@ -42,8 +42,11 @@ from ditcache.errors import DitCacheError, ParamsError
 from ditcache.launch.cache_options import add_cache_arguments, cache_from_args
 from ditcache.launch.models import BUNDLED_MODELS, DTYPES, load_pipeline, model_help, resolve_dtype, resolve_model
 from ditcache.launch.outputs import check_output_path, check_writable_dir
-from ditcache.launch.session import add_parallel_arguments, guidance_scale, parallel_session, replica_share
+from ditcache.launch.session import (
+    add_compile_argument, add_parallel_arguments, guidance_scale, parallel_session, replica_share
+)
 from ditcache.parallel import ParallelGroups
+from ditcache.runtime.compile import compile_pipeline
 from ditcache.runtime.denoise import GenerationOutput
 from ditcache.runtime.io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, save_frames
 
@@ -96,6 +99,7 @@ def build_parser(prog: str = "ditcache generate") -> argparse.ArgumentParser:
         "--telemetry", action="store_true", help="also print the per-branch cache telemetry (JSON) after the summary"
     )
     add_parallel_arguments(parser)
+    add_compile_argument(parser)
     return parser
 
 
@@ -177,6 +181,8 @@ def run(args: argparse.Namespace) -> RunResult:
         kwargs["progress"] = kwargs["progress"] and groups.rank == 0
         check_destination(args, groups)
         pipe = load_pipeline(family, model_dir, device, resolve_dtype(args.dtype, args.device), groups)
+        if args.compile:
+            compile_pipeline(pipe)
         output = pipe(**kwargs)
         path = None
         # Every rank of a replica holds the same frames; its first rank writes them.

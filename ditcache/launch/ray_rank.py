@@ -17,6 +17,7 @@ from ditcache.launch import generate
 from ditcache.launch.cache_options import cache_from_args
 from ditcache.launch.models import load_pipeline, resolve_dtype, resolve_model
 from ditcache.launch.session import parallel_session
+from ditcache.runtime.compile import compile_pipeline
 from ditcache.runtime.io import save_frames
 
 # Pipelines this process has loaded: the actor reports it with every result, so a job can show that
@@ -44,6 +45,8 @@ class RankServer:
         with ExitStack() as failure:
             self.groups, device = failure.enter_context(parallel_session(args))
             self.pipe = load_pipeline(family, model_dir, device, resolve_dtype(args.dtype, args.device), self.groups)
+            if getattr(args, "compile", False):  # generate's --compile
+                compile_pipeline(self.pipe)
             failure.pop_all()
         MODEL_LOADS += 1
 

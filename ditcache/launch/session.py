@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ditcache.errors import ParamsError
 from ditcache.parallel import DEFAULT_TIMEOUT_S, ParallelGroups, destroy_parallel, init_parallel
+from ditcache.runtime.compile import check_compile_layout
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +40,15 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S, help="seconds a collective may wait for a peer rank"
+    )
+
+
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    """``--compile``: torch.compile each transformer block (``ditcache.compile_pipeline``); not with sp > 1."""
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the transformer blocks (fullgraph; cache decisions stay eager); "
+        "the first request pays the compile; not with --ulysses/--ring > 1",
     )
 
 
@@ -86,6 +96,7 @@ def parallel_session(args: argparse.Namespace) -> Iterator[tuple[ParallelGroups,
     The process group is destroyed on exit only if this call created it, so a caller that set one
     up itself keeps it. CUDA devices use nccl and the rank's ``LOCAL_RANK`` GPU, anything else gloo.
     """
+    check_compile_layout(getattr(args, "compile", False), args.sp, args.ring)  # before any group forms
     owns_group = not dist.is_initialized()
     backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
     groups = init_parallel(

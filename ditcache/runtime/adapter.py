@@ -66,6 +66,7 @@ class FamilyAdapter(torch.nn.Module, ABC):
         self.transformer = transformer
         self.stack_passes: dict[str, int] = {}
         self.stack_seconds: dict[str, float] = {}  # wall time inside the block stack, per branch
+        self.compile_kwargs: dict[str, Any] | None = None  # what compile_stack was given; None: eager
 
     @abstractmethod
     def embed(
@@ -106,6 +107,53 @@ class FamilyAdapter(torch.nn.Module, ABC):
         tokens = sp.shard(state.hidden_states)
         return StackState(tokens, self.shard_block_kwargs(state.block_kwargs, sp), state.head_kwargs)
 
+    # -- torch.compile ----------------------------------------------------------------------------
+
+    def stack_modules(self) -> list[torch.nn.Module]:
+        """The transformer blocks that :meth:`iter_blocks` runs, in order: by default every block of
+        the transformer's ``ModuleList`` children whose name ends in ``blocks`` (Wan ``blocks``,
+        Qwen-Image ``transformer_blocks``, HunyuanVideo's dual then single blocks)."""
+        return [
+            block
+            for name, child in self.transformer.named_children()
+            if name.endswith("blocks") and isinstance(child, torch.nn.ModuleList)
+            for block in child
+        ]
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.compile_kwargs is not None
+
+    def compile_stack(self, **compile_kwargs: Any) -> None:
+        """Compile the block stack with ``torch.compile`` (``fullgraph=True`` unless given), in place.
+
+        Regional: each block's forward is compiled (``nn.Module.compile``), the loop over the blocks
+        and every cache decision stay in Python, so a skipped step never enters a compiled region,
+        the first-block probe runs compiled and the rest continues from it, and identical blocks
+        share one graph. Compilation happens on the first forward. The transformer's modules are
+        changed in place (anything else holding them runs compiled too); :meth:`uncompile_stack`
+        undoes it. Sequence-parallel (Ulysses / ring) attention processors are refused: they run
+        collectives inside the blocks.
+        """
+        if any(isinstance(getattr(m, "processor", None), UlyssesProcessor) for m in self.transformer.modules()):
+            raise CacheConfigError(
+                f"the {self.family} transformer has sequence-parallel attention processors installed; "
+                "compile_stack does not compile their collectives (use it without --ulysses/--ring)"
+            )
+        blocks = self.stack_modules()
+        if not blocks:
+            raise CacheConfigError(f"the {self.family} adapter found no transformer blocks to compile")
+        kwargs = {"fullgraph": True, **compile_kwargs}
+        for block in blocks:
+            block.compile(**kwargs)
+        self.compile_kwargs = kwargs
+
+    def uncompile_stack(self) -> None:
+        """Run the blocks eagerly again (compiled code stays in dynamo's cache until ``torch._dynamo.reset()``)."""
+        for block in self.stack_modules():
+            block._compiled_call_impl = None  # what nn.Module.compile set
+        self.compile_kwargs = None
+
     @property
     def patch_size(self) -> tuple[int, ...]:
         """Patch size of the latent grid (frames, height, width or height, width)."""
@@ -137,6 +185,8 @@ class FamilyAdapter(torch.nn.Module, ABC):
         token shard and the tokens are gathered before the head, so every rank returns the full
         prediction.
         """
+        if self.compile_kwargs is not None and sp is not None and sp.group.size > 1:
+            raise CacheConfigError("a compiled block stack cannot run sequence-parallel: call uncompile_stack() first")
         state = self.embed(hidden_states, timestep, encoder_hidden_states, **extra)
         where = {"is_cond": is_cond, "step": step, "sigma": sigma, "expert": expert, "timestep": timestep}
         if sp is None or sp.group.size == 1:
