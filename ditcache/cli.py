@@ -24,7 +24,17 @@ from ditcache.cache.plan import plan_run
 from ditcache.cache.context import branch_name
 from ditcache.errors import CacheConfigError, DitCacheError
 from ditcache.params import list_models, load_params
-from ditcache.runtime.scheduler import experts_by_boundary, flow_match_schedule
+from ditcache.runtime.scheduler import (
+    Schedule,
+    experts_by_boundary,
+    hunyuan_video_schedule,
+    qwen_image_schedule,
+    wan_schedule,
+)
+
+FAMILIES = ("wan", "hunyuan_video", "qwen_image")
+# Qwen-Image's released request (1024 x 1024): its dynamic shift depends on the image token count.
+QWEN_IMAGE_TOKENS = (1024 // 16) ** 2
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -55,6 +65,26 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def family_of(model_type: str) -> str:
+    """The family whose sampler a params model_type runs with (Wan's for anything not named otherwise)."""
+    if model_type.startswith("HunyuanVideo"):
+        return "hunyuan_video"
+    if model_type.startswith("Qwen-Image"):
+        return "qwen_image"
+    return "wan"
+
+
+def plan_schedule(family: str, steps: int, shift: float) -> Schedule:
+    """The schedule the family's pipeline runs at ``steps`` and ``shift`` (its default scheduler:
+    UniPC for Wan, FlowMatchEuler for HunyuanVideo and Qwen-Image), so the plan sees the run's
+    sigmas and, for Wan2.2, the run's expert switch on the scheduler's timesteps."""
+    if family == "hunyuan_video":
+        return hunyuan_video_schedule(steps, shift)
+    if family == "qwen_image":
+        return qwen_image_schedule(steps, QWEN_IMAGE_TOKENS, shift)
+    return wan_schedule(steps, shift)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     source = args.params_file or args.model
     if source is None:
@@ -65,11 +95,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise CacheConfigError(f"num_inference_steps must be an integer >= 1, got {steps}")
     boundary = args.boundary_ratio if args.boundary_ratio is not None else params.boundary_ratio
     shift = args.shift or params.default_shift or params.sigma_shift
-    schedule = None if shift is None else flow_match_schedule(steps, shift)
+    family = args.family or family_of(params.model_type)
+    schedule = None if shift is None else plan_schedule(family, steps, shift)
     if boundary is not None:
         if schedule is None:
             raise SystemExit("ditcache plan: a two-expert plan needs the run's --shift (the expert switch depends on it)")
-        experts = experts_by_boundary(schedule.timesteps, boundary)
+        experts = experts_by_boundary(schedule.timesteps, boundary, num_train_timesteps=schedule.num_train_timesteps)
     else:
         experts = ["transformer"] * steps
     config = AdaTaylorConfig(
@@ -86,6 +117,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         "model_type": params.model_type,
         "num_inference_steps": steps,
         "sigma_shift": shift,
+        "family": family,
+        "scheduler": None if schedule is None else schedule.scheduler_name,
         "K": params.K,
         "thresh": params.thresh,
         "retention_ratio": params.retention_ratio,
@@ -103,7 +136,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    at = f", shift {shift:g}" if shift is not None else ""
+    at = f", shift {shift:g} ({schedule.scheduler_name})" if schedule is not None else ""
     print(f"{params.model_type}: {steps} steps{at} (curve calibrated at {params.num_inference_steps}), "
           f"K={params.K} thresh={params.thresh} retention={params.retention_ratio}")
     if len(per_expert) > 1:
@@ -151,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--shift", type=float, help="sigma shift of the run (default: the params' default_shift or sigma_shift)")
     p_plan.add_argument(
         "--boundary-ratio", type=float, help="two-expert models: the expert switch (default: the params' boundary_ratio)"
+    )
+    p_plan.add_argument(
+        "--family", choices=FAMILIES, help="whose sampler the run uses (default: from the model_type; Wan otherwise)"
     )
     p_plan.add_argument("--no-cfg", action="store_true", help="guidance off: only the cond branch runs")
     p_plan.add_argument("--json", action="store_true")

@@ -30,7 +30,7 @@ from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE
 from ditcache.runtime.reference import (
     DigitPromptEncoder,
     build_digit_tokenizer,
-    euler_sample_digits,
+    sample_digits,
     load_digits,
     load_wan_transformer,
     prompt_for_label,
@@ -153,7 +153,7 @@ def sample_accuracy(
     images, labels = load_digits(IMAGE_SIZE)
     classifier = train_digit_classifier(images, labels, seed=seed)
     wanted = [k for k in range(10) for _ in range(5)]
-    samples = euler_sample_digits(
+    samples = sample_digits(
         transformers["transformer"],
         encoder,
         wanted,

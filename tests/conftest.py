@@ -231,7 +231,10 @@ def write_tiny_qwen_dir(root: Path) -> Path:
                          ("tokenizer", tokenizer)):
         module.save_pretrained(root / part)
     (root / "scheduler").mkdir()
-    scheduler = {"base_image_seq_len": 4, "max_image_seq_len": 64, "base_shift": 0.3, "max_shift": 0.9}
+    scheduler = {
+        "base_image_seq_len": 4, "max_image_seq_len": 64, "base_shift": 0.3, "max_shift": 0.9,
+        "use_dynamic_shifting": True, "time_shift_type": "exponential",
+    }
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     index = {
         "transformer": ["diffusers", "QwenImageTransformer2DModel"],

@@ -3,9 +3,9 @@
 A batch is a list of class labels and one seed: the pipeline draws the whole batch's noise from
 that seed (``torch.randn`` of the batch shape on the CPU), so a method's samples and the uncached
 reference start from the same noise without the benchmark touching latents. Which expert runs
-which step is what the pipeline reports (``GenerationOutput.expert_steps``); the sigmas are
-``ditcache.runtime.scheduler``'s for the run's step count and shift, as the pipeline hands them to
-a cache config's ``build``.
+which step is what the pipeline reports (``GenerationOutput.expert_steps``), and so are the sigmas
+(``GenerationOutput.sigmas`` of the same probe request: the run's diffusers scheduler at the run's
+step count and shift), as the pipeline hands them to a cache config's ``build``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import ditcache
 from ditcache.runtime.reference import prompt_for_label
-from ditcache.runtime.scheduler import flow_match_schedule
 
 EVAL_SEED = 1_000_000  # the evaluation batch's noise
 CALIB_SEED = 2_000_000  # the calibration (and screening) batch's noise: another seed, other noise
@@ -36,11 +35,14 @@ class Workload:
     guidance: float
     expert_steps: dict[str, list[int]]  # expert -> the steps it runs (only experts that run)
     num_layers: int
+    run_sigmas: list[float] | None = None  # each step's sigma as the pipeline reported it (probe request)
 
     @property
     def sigmas(self) -> list[float]:
         """The noise level of each step, as the pipeline hands it to a cache config's ``build``."""
-        return flow_match_schedule(self.steps, self.shift).sigmas[:-1].tolist()
+        if self.run_sigmas is None:
+            raise ValueError(f"workload {self.name} has no run_sigmas: build it with make_workload (a probe request)")
+        return list(self.run_sigmas)
 
     def used_experts(self) -> list[str]:
         """The experts that run, in the order they start."""
@@ -70,6 +72,35 @@ class Batch:
         return len(self.labels)
 
 
+@dataclass(frozen=True)
+class Samples:
+    """Samples run one request each (batch 1, as a user runs a request): sample i draws digit
+    ``labels[i]`` from noise seed ``seeds[i]``."""
+
+    labels: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+    def head(self, n: int) -> Samples:
+        return Samples(self.labels[:n], self.seeds[:n])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def make_samples(samples: int, first_seed: int) -> Samples:
+    """``samples`` single-sample requests, sample i of class i % 10 with noise seed ``first_seed + i``."""
+    return Samples(tuple(i % 10 for i in range(samples)), tuple(first_seed + i for i in range(samples)))
+
+
+def generate_each(pipeline: Any, work: Workload, samples: Samples, cache: Any = None) -> list[ditcache.GenerationOutput]:
+    """One public pipeline call per sample (batch 1)."""
+    return [
+        pipeline(prompt_for_label(label), num_inference_steps=work.steps, guidance_scale=work.guidance,
+                 sigma_shift=work.shift, seed=seed, cache=cache, progress=False)
+        for label, seed in zip(samples.labels, samples.seeds)
+    ]  # fmt: skip
+
+
 def make_batch(samples: int, seed: int) -> Batch:
     """``samples`` prompts, sample i of class i % 10, noise from ``seed``."""
     return Batch(tuple(i % 10 for i in range(samples)), seed)
@@ -97,4 +128,5 @@ def make_workload(model_dir: Path, name: str, steps: int, shift: float, guidance
     expert_steps = {expert: list(s) for expert, s in probe.expert_steps.items() if s}
     num_layers = len(pipeline.adapters["transformer"].transformer.blocks)
     model_type = pipeline.settings.model_type or name
-    return Workload(name, model_type, pipeline, steps, shift, guidance, expert_steps, num_layers)
+    run_sigmas = [float(s) for s in probe.sigmas[:steps]]
+    return Workload(name, model_type, pipeline, steps, shift, guidance, expert_steps, num_layers, run_sigmas)

@@ -3,7 +3,9 @@
 A calibration run records each step's block-stack residual (``ResidualRecorder``). A candidate plan
 is judged offline by replaying it through a real ``AdaTaylorCache``: on its skipped steps the
 forecast is compared with the residual the model actually produced. The error of step t enters the
-sample through the Euler update scaled by the step's sigma interval, and the CFG combine scales
+sample through the scheduler's update, to first order the Euler step scaled by the step's sigma
+interval (the pipelines run diffusers' schedulers: FlowMatchEuler is exactly that, Wan's UniPC adds
+higher-order corrections to it, so the weight stays a fair error weight), and the CFG combine scales
 the cond branch by g and the uncond branch by g - 1, so the predicted error of a plan is
 
     sum_t |sigma_{t+1} - sigma_t| * (g * e_cond(t) + (g - 1) * e_uncond(t)),

@@ -82,7 +82,12 @@ def build_parser(prog: str = "ditcache generate") -> argparse.ArgumentParser:
     request.add_argument(
         "--guidance-scale", type=guidance_scale, help=">= 1; exactly 0 or 1 turns CFG (the uncond pass) off"
     )
-    request.add_argument("--shift", type=float, help="sigma shift of the flow-matching schedule")
+    request.add_argument(
+        "--guidance-scale-2",
+        type=guidance_scale,
+        help="Wan2.2 A14B: guidance of the low-noise expert's steps (default: --guidance-scale)",
+    )
+    request.add_argument("--shift", type=float, help="sigma shift of the scheduler (UniPC's flow_shift, FlowMatch's shift)")
     request.add_argument("--height", type=int)
     request.add_argument("--width", type=int)
     request.add_argument("--num-frames", type=int)
@@ -128,6 +133,7 @@ def request_kwargs(args: argparse.Namespace, prompts: list[str], cache: CacheCon
         "negative_prompt": args.negative_prompt,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance_scale,
+        "guidance_scale_2": args.guidance_scale_2,
         "sigma_shift": args.shift,
         "height": args.height,
         "width": args.width,
@@ -175,6 +181,8 @@ def run(args: argparse.Namespace) -> RunResult:
     family, model_dir = resolve_model(args.model, args.model_dir)
     prompts = read_prompts(args)
     cache = cache_from_args(args)  # a bad cache choice fails here, before the process group forms
+    if args.guidance_scale_2 is not None and family != "wan":
+        raise ParamsError(f"--guidance-scale-2 applies to Wan2.2 A14B (two-expert) models, not to {family}")
     with parallel_session(args) as (groups, device):
         kwargs = request_kwargs(args, replica_share(prompts, groups), cache)
         kwargs["seed"] += groups.dp_rank

@@ -4,7 +4,8 @@ Per step the loop picks the step's expert, runs the CFG branches this rank owns 
 conditional one with guidance off, or one per rank under CFG-parallel) as separate cached adapter
 calls, checks that the cache counts the global step, combines the branches (all-gathered over the
 cfg pair under CFG-parallel, so every rank holds the same guided prediction and the same latents)
-and takes the Euler step. Under Ulysses SP the adapter shards the tokens after embedding and
+and takes the step of the request's diffusers scheduler (``ditcache.runtime.scheduler``: built
+afresh per request, so every rank holds the same scheduler state). Under Ulysses SP the adapter shards the tokens after embedding and
 gathers them before the head; the cache sits between, so each rank caches its own shard and a
 skipped step does no attention communication. With more than one rank every cache is wrapped in a
 :class:`~ditcache.parallel.SyncedCache`, which checks each decision across the request's ranks.
@@ -44,7 +45,7 @@ from ditcache.parallel.fingerprint import (
     sigmas_hash,
 )
 from ditcache.runtime.adapter import FamilyAdapter
-from ditcache.runtime.scheduler import FlowMatchSchedule
+from ditcache.runtime.scheduler import Schedule
 
 GuidanceRule = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 SINGLE_PROCESS = "single process"
@@ -216,13 +217,14 @@ class DenoiseRequest:
     ``model_input(latents, step)`` is what the transformer gets (e.g. with image latents appended),
     ``timestep(step)`` its time input, ``prediction`` the part of its output that moves the latents,
     ``guidance_rule(cond, uncond, scale)`` the family's CFG, ``integrate(latents, velocity, step)``
-    the update (default: the schedule's Euler step). ``params_cache`` says the caches came from a
+    the update (default: the schedule's scheduler step). ``guidance_scale_2`` is the guidance of the
+    steps ``guidance_steps_2`` (Wan2.2's low-noise expert; None: ``guidance_scale`` everywhere). ``params_cache`` says the caches came from a
     params file, so a run that skips nothing deserves a warning. ``seed``, ``conditioning`` (a hash
     of the prompts or embeddings and any conditioning image) and ``cache_description`` (the ``cache=``
     argument as given) are what ranks compare before step 0, with the rest of the request.
     """
 
-    schedule: FlowMatchSchedule
+    schedule: Schedule
     experts: list[str]
     caches: dict[str, BaseFeatureCache]
     guidance_scale: float
@@ -236,6 +238,14 @@ class DenoiseRequest:
     seed: int = 0
     conditioning: str = ""
     cache_description: str = "none"
+    guidance_scale_2: float | None = None
+    guidance_steps_2: frozenset[int] = frozenset()
+
+    def guidance_at(self, step: int) -> float:
+        """The guidance scale of ``step``."""
+        if self.guidance_scale_2 is not None and step in self.guidance_steps_2:
+            return self.guidance_scale_2
+        return self.guidance_scale
 
     @property
     def do_cfg(self) -> bool:
@@ -272,7 +282,7 @@ class DenoisingPipeline:
 
     def _new_request(
         self,
-        schedule: FlowMatchSchedule,
+        schedule: Schedule,
         experts: list[str],
         guidance_scale: float,
         branch_inputs: dict[bool, dict[str, Any]],
@@ -327,7 +337,7 @@ class DenoisingPipeline:
         return {name: started[id(cache)] for name, cache in caches.items()}
 
     def _resolve_caches(
-        self, experts: list[str], schedule: FlowMatchSchedule, cache: CacheArg
+        self, experts: list[str], schedule: Schedule, cache: CacheArg
     ) -> dict[str, BaseFeatureCache]:
         num_steps = schedule.num_steps
         used = list(dict.fromkeys(experts))
@@ -403,7 +413,7 @@ class DenoisingPipeline:
                 )
                 check_step(cache, expert, is_cond, step)
                 predictions[is_cond] = request.prediction(prediction.float())
-            velocity = cfg.combine(predictions, request.guidance_scale, request.guidance_rule)
+            velocity = cfg.combine(predictions, request.guidance_at(step), request.guidance_rule)
             latents = integrate(latents, velocity, step)
             if step in handovers:
                 handovers[step].release()
@@ -429,6 +439,7 @@ class DenoisingPipeline:
             cache=request.cache_description,
             params_hash=params_hash(*(cache_params(cache) for cache in request.caches.values())),
             model=model_identity(*(self.adapters[name].transformer for name in dict.fromkeys(request.experts))),
+            guidance_scale_2=None if request.guidance_scale_2 is None else float(request.guidance_scale_2),
         )
         check_request(self.parallel, fingerprint, scope="replica" if self._job_checked else "job")
         self._job_checked = True

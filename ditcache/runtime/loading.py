@@ -7,13 +7,17 @@ Layout (``model_index.json`` names each part as ``[library, class]``, or ``null`
     text_encoder/      the prompt encoder (UMT5 for Wan, DigitPromptEncoder for the reference model)
     tokenizer/         its tokenizer
     vae/               AutoencoderKLWan, or "vae": null for a model that denoises pixels directly
-    scheduler/         scheduler_config.json (only its shift is read: sampling is ditcache's own)
+    scheduler/         scheduler_config.json: the diffusers scheduler every request builds afresh
     image_encoder/     optional (Wan2.1 I2V/FL2V): transformers CLIPVisionModel config + weights
     image_processor/   optional, with image_encoder: its CLIPImageProcessor (preprocessor_config.json)
 
 The ``"ditcache"`` section states what diffusers' index cannot: ``latent_space`` ("pixel" or "vae"),
 the default request (``height``, ``width``, ``num_frames``, ``default_steps``,
 ``default_shift``, ``default_guidance_scale``) and the params ``model_type`` of the cache curves.
+
+The scheduler config is handed to the pipeline as read (:attr:`LoadedModel.scheduler_config`): each
+request builds its own diffusers scheduler from it with the request's shift
+(``ditcache.runtime.scheduler``); its shift (``flow_shift`` or ``shift``) is the default shift.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class LoadedModel:
     vae: torch.nn.Module | None
     image_encoder: torch.nn.Module | None = None  # CLIPVisionModel (Wan2.1 I2V/FL2V)
     image_processor: Any | None = None  # its CLIPImageProcessor
+    scheduler_config: dict[str, Any] | None = None  # scheduler/scheduler_config.json (None: the family's)
 
 
 def read_model_index(model_dir: str | Path) -> dict[str, Any]:
@@ -310,10 +315,26 @@ def load_image_parts(
 
 
 def scheduler_config(root: Path, index: dict[str, Any]) -> dict[str, Any]:
-    """The directory's ``scheduler/scheduler_config.json`` ({} when the index names no scheduler)."""
-    if part_spec(index, "scheduler") is None:
+    """The directory's ``scheduler/scheduler_config.json`` ({} when the index names no scheduler).
+
+    The class is the config's ``_class_name``, else the index's scheduler entry (the class diffusers'
+    ``from_pretrained`` would build); the two must agree when both are given."""
+    spec = part_spec(index, "scheduler")
+    if spec is None:
         return {}
-    return json.loads((check_part(root, "scheduler") / "scheduler_config.json").read_text())
+    path = check_part(root, "scheduler") / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ParamsError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ParamsError(f"{path} must hold a JSON object")
+    named = config.setdefault("_class_name", spec[1])
+    if named != spec[1]:
+        raise ParamsError(
+            f"{root}: model_index.json names the scheduler {spec[1]} but {path.name} is a {named}; make them agree"
+        )
+    return config
 
 
 def load_transformer_and_vae(
@@ -351,4 +372,7 @@ def load_model_dir(
 
     text_encoder = load_text_encoder(root, index, dtype, device=device)
     image_encoder, image_processor = load_image_parts(root, index, dtype, device=device)
-    return LoadedModel(root, index, settings, transformers, text_encoder, vae, image_encoder, image_processor)
+    scheduler = scheduler_config(root, index) or None
+    return LoadedModel(
+        root, index, settings, transformers, text_encoder, vae, image_encoder, image_processor, scheduler
+    )

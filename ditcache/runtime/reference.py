@@ -239,7 +239,7 @@ def train_digit_classifier(
 
 
 @torch.no_grad()
-def euler_sample_digits(
+def sample_digits(
     transformer: nn.Module,
     encoder: DigitPromptEncoder,
     labels: list[int],
@@ -252,24 +252,27 @@ def euler_sample_digits(
     transformer_2: nn.Module | None = None,
     boundary_ratio: float | None = None,
 ) -> torch.Tensor:
-    """Uncached Euler sampling with CFG: one ``[B, 1, size, size]`` digit per label.
+    """Uncached sampling with CFG: one ``[B, 1, size, size]`` digit per label.
 
-    A check of the trained weights, independent of the runtime: Wan's grid (``s = 1 - i/N`` shifted
-    by ``shift * s / (1 + (shift - 1) * s)``), ``v = v_u + g * (v_c - v_u)``, ``x += dsigma * v``.
-    With two experts, ``transformer`` denoises while ``sigma >= boundary_ratio`` and ``transformer_2``
-    after, as in Wan2.2.
+    A check of the trained weights, independent of the pipeline's loop but on the pipeline's
+    sampler (``ditcache.runtime.scheduler.wan_schedule``: diffusers' UniPC with flow sigmas, as the
+    bundled models' scheduler configs say): ``v = v_u + g * (v_c - v_u)``, one scheduler step per
+    step. With two experts, ``transformer`` denoises while ``t >= boundary_ratio * 1000`` and
+    ``transformer_2`` after, as in Wan2.2.
     """
-    base = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    sigmas = (shift * base / (1 + (shift - 1) * base)).float()
+    from ditcache.runtime.scheduler import experts_by_boundary, wan_schedule
+
+    schedule = wan_schedule(steps, shift)
+    experts = ["transformer"] * steps
+    if transformer_2 is not None and boundary_ratio is not None:
+        experts = experts_by_boundary(schedule.timesteps, boundary_ratio, num_train_timesteps=schedule.num_train_timesteps)
     cond = encoder.encode([prompt_for_label(k) for k in labels])
     uncond = encoder.encode([""] * len(labels))
     context = torch.cat([cond, uncond])
     x = torch.randn((len(labels), 1, 1, size, size), generator=generator)
     for i in range(steps):
-        sigma = sigmas[i]
-        high_noise = transformer_2 is None or boundary_ratio is None or sigma >= boundary_ratio
-        model = transformer if high_noise else transformer_2
-        timestep = torch.full((2 * len(labels),), float(sigma) * 1000.0)
+        model = transformer if experts[i] == "transformer" else transformer_2
+        timestep = schedule.timesteps[i].expand(2 * len(labels))
         v_cond, v_uncond = model(torch.cat([x, x]), timestep, context, return_dict=False)[0].chunk(2)
-        x = x + (sigmas[i + 1] - sigma) * (v_uncond + guidance_scale * (v_cond - v_uncond))
+        x = schedule.step(x, v_uncond + guidance_scale * (v_cond - v_uncond), i)
     return x[:, :, 0]

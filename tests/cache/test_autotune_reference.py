@@ -10,7 +10,7 @@ from ditcache.cache.tune import PlanReplayer, thresh_for_budget, tune, tuned_par
 from ditcache.models import REFERENCE_DIGITS
 from ditcache.params import load_params, params_from_dict
 from ditcache.families import load_pipeline
-from ditcache.runtime.scheduler import flow_match_schedule
+from ditcache.runtime.scheduler import wan_schedule
 
 STEPS, SHIFT, GUIDANCE = 30, 5.0, 4.0
 EVAL = [f"a handwritten {k}" for k in range(10)]
@@ -27,7 +27,7 @@ def setup():
     common = dict(num_inference_steps=STEPS, sigma_shift=SHIFT, guidance_scale=GUIDANCE, progress=False)
     recorder = ResidualRecorder(STEPS)
     pipe(prompt=EVAL[:5], seed=100, cache=recorder, **common)  # other seeds than the evaluation
-    sigmas = flow_match_schedule(STEPS, SHIFT).sigmas[:-1].tolist()
+    sigmas = wan_schedule(STEPS, SHIFT).sigmas[:-1].tolist()
     replayer = PlanReplayer({c: recorder.trajectories(c) for c in (True, False)}, sigmas, GUIDANCE)
     reference = pipe(prompt=EVAL, seed=7, enable_ada_taylor_cache=False, **common).frames
     return pipe, common, sigmas, replayer, reference

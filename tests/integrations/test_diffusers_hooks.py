@@ -20,6 +20,7 @@ from diffusers import (
     HunyuanVideoTransformer3DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    UniPCMultistepScheduler,
     WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
@@ -56,18 +57,9 @@ def explicit(thresh: float) -> AdaTaylorConfig:
 SKIPPING, EVERY_STEP = explicit(0.15), explicit(0.0)
 
 
-class LinearFlowScheduler(FlowMatchEulerDiscreteScheduler):
-    """Flow-match Euler on ditcache's grid: base sigmas ``1 - i/N`` shifted by ``shift``.
-
-    diffusers' WanPipeline calls ``set_timesteps(num_inference_steps)``, whose default grid ends at
-    the shifted ``1/num_train_timesteps``; ditcache's ends at ``1/N``. Passing the base sigmas makes
-    the scheduler shift them exactly as ditcache's sampler does.
-    """
-
-    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, **kwargs):
-        if sigmas is None:
-            sigmas = [1.0 - i / num_inference_steps for i in range(num_inference_steps)]
-        super().set_timesteps(device=device, sigmas=sigmas, **kwargs)
+def unipc(shift: float) -> UniPCMultistepScheduler:
+    """The scheduler of the published Wan Diffusers folders (and ditcache's Wan default)."""
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
 
 
 def embeds(seed: int, length: int, dim: int) -> torch.Tensor:
@@ -141,7 +133,7 @@ class Case:
 
 def wan_t2v() -> Case:
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tiny_wan(),
-                       scheduler=LinearFlowScheduler(shift=SHIFT))
+                       scheduler=unipc(SHIFT))
     kwargs = dict(prompt_embeds=embeds(1, COND_LEN, 8), negative_prompt_embeds=embeds(2, UNCOND_LEN, 8),
                   height=64, width=64, num_frames=1, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
     return Case(pipe, kwargs, lambda t: t.blocks[-1].ffn)
@@ -150,7 +142,7 @@ def wan_t2v() -> Case:
 def wan22() -> Case:
     """Wan2.2 A14B: the high-noise expert runs steps 0-4 (t >= 500), the low-noise one steps 5-7."""
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tiny_wan(0),
-                       transformer_2=tiny_wan(1), scheduler=LinearFlowScheduler(shift=1.0), boundary_ratio=0.5)
+                       transformer_2=tiny_wan(1), scheduler=unipc(1.0), boundary_ratio=0.5)
     return replace(wan_t2v(), pipe=pipe)
 
 
@@ -159,7 +151,7 @@ def wan_i2v() -> Case:
     transformer = tiny_wan(2, in_channels=4 + 2 + 4, image_dim=8)
     pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=tiny_wan_vae(), transformer=transformer,
                                    image_encoder=encoder, image_processor=processor,
-                                   scheduler=LinearFlowScheduler(shift=SHIFT))
+                                   scheduler=unipc(SHIFT))
     image = Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(3),
                                           dtype=torch.uint8).numpy())
     kwargs = dict(image=image, prompt_embeds=embeds(1, COND_LEN, 8), negative_prompt_embeds=embeds(2, UNCOND_LEN, 8),

@@ -25,7 +25,7 @@ from ditcache.families.hunyuan_video.pipeline import HunyuanPromptEmbeds, Hunyua
 from ditcache.runtime.loading import ModelSettings
 from ditcache.families.wan.pipeline import Wan22Pipeline, WanPipeline
 from ditcache.families.qwen_image.pipeline import QwenImagePipeline, QwenPromptEmbeds
-from ditcache.runtime.scheduler import flow_match_schedule
+from ditcache.runtime.scheduler import wan_schedule
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # every test runs several ranks
 
@@ -316,7 +316,7 @@ def _reference_runs(parallel: ParallelGroups | None) -> dict[tuple[str, str], to
             if cache == "none":
                 call["enable_ada_taylor_cache"] = False
             elif isinstance(pipe, Wan22Pipeline):
-                switch = pipe._experts_per_step(flow_match_schedule(STEPS, pipe.settings.default_shift)).count(
+                switch = pipe._experts_per_step(wan_schedule(STEPS, pipe.settings.default_shift)).count(
                     "transformer"
                 )
                 call["cache"] = {"transformer": skipping_cache(), "transformer_2": skipping_cache(switch)}

@@ -75,3 +75,18 @@ def test_ranks_that_agree_generate(tmp_path):
     outcomes = run_ranks(_generate, 2, str(out), [], None, timeout_s=120)
     assert all(o.ok for o in outcomes), [o.traceback for o in outcomes]
     assert "cfg 2" in outcomes[0].value and out.exists()
+
+
+def _generate_moe(rank: int, world: int, out: str) -> str:
+    """One rank of ``ditcache generate`` on the two-expert model; rank 1 guides the low-noise steps otherwise."""
+    extra = ["--guidance-scale-2", "2.0"] if rank == 1 else []
+    args = generate.build_parser().parse_args([*COMMON, "--model", "reference-moe", "--output", out, *extra])
+    return generate.run(args).output.summary()
+
+
+def test_a_rank_with_another_guidance_scale_2_fails_both_before_step_0(tmp_path):
+    out = tmp_path / "out.png"
+    outcomes = run_ranks(_generate_moe, 2, str(out), timeout_s=120)
+    assert [o.error_type for o in outcomes] == ["RequestMismatchError"] * 2, [o.traceback or o.value for o in outcomes]
+    assert "guidance_scale_2 differs (rank 0: 4.0; rank 1: 2.0)" in outcomes[0].error, outcomes[0].error
+    assert not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,8 +17,8 @@ from ditcache.cache.ada_taylor import AdaTaylorCache
 from ditcache.cache.none import NoCache
 from ditcache.families import adapter_for
 from ditcache.families.qwen_image.adapter import QwenImageAdapter
-from ditcache.families.qwen_image.pipeline import DynamicShift, QwenImagePipeline, QwenPromptEmbeds, QwenPromptEncoder
-from ditcache.runtime.scheduler import flow_match_schedule
+from ditcache.families.qwen_image.pipeline import QwenImagePipeline, QwenPromptEmbeds, QwenPromptEncoder
+from ditcache.runtime.scheduler import QWEN_IMAGE_SCHEDULER, qwen_image_schedule
 
 
 def branch_text(seed: int, valid_text: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,17 +176,20 @@ def test_pipeline_decodes_images_with_a_vae():
 
 
 def test_dynamic_shift_matches_qwen_image_scheduler():
-    """exp(mu) as a static shift reproduces diffusers' exponential dynamic shifting at every step."""
+    """Dynamic shifting as diffusers' QwenImagePipeline sets it; exp(mu) as a static shift is the same map."""
+    import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     seq_len = 1024
-    shift = DynamicShift()(seq_len)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
-    mu = math.log(shift)
-    base = [1.0 - i / STEPS for i in range(STEPS)]
-    scheduler.set_timesteps(sigmas=base, mu=mu)
-    ours = flow_match_schedule(STEPS, shift).sigmas
-    assert torch.allclose(ours, scheduler.sigmas.float(), atol=1e-6)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER)
+    mu = calculate_shift(seq_len, 256, 8192, 0.5, 0.9)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)
+    ours = qwen_image_schedule(STEPS, seq_len)
+    assert ours.shift == pytest.approx(math.exp(mu))
+    assert torch.equal(ours.sigmas, scheduler.sigmas.float()) and torch.equal(ours.timesteps, scheduler.timesteps)
+    static = qwen_image_schedule(STEPS, seq_len, shift=math.exp(mu))
+    assert torch.allclose(static.sigmas, ours.sigmas, atol=1e-6)
 
 
 @pytest.mark.parametrize("prompts", [["a red cat on the mat", "dog"], ["a cat"]], ids=["padded", "unpadded"])
@@ -225,10 +229,9 @@ def test_from_pretrained_loads_a_local_directory_and_encodes_prompts(tmp_path):
     encoder, tokenizer = tiny_encoder()
     model, vae = tiny_qwen(), tiny_vae()
     loaded = QwenImagePipeline.from_pretrained(tmp_path)
-    assert loaded.dynamic_shift == DynamicShift(4, 64, 0.3, 0.9)
-    in_memory = QwenImagePipeline(
-        model, vae, QwenPromptEncoder(encoder, tokenizer), dynamic_shift=DynamicShift(4, 64, 0.3, 0.9)
-    )
+    config = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert loaded.scheduler_config == {"_class_name": "FlowMatchEulerDiscreteScheduler", **config}
+    in_memory = QwenImagePipeline(model, vae, QwenPromptEncoder(encoder, tokenizer), scheduler_config=config)
     # Two prompts; the default negative prompt " " serves both.
     kwargs = dict(prompt_embeds=None, negative_prompt_embeds=None, prompt=["a red cat", "dog"], output_type="frames",
                   num_inference_steps=2, enable_ada_taylor_cache=False)

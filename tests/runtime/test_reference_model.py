@@ -11,7 +11,7 @@ from ditcache.errors import ParamsError
 from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE
 from ditcache.runtime.reference import (
     DigitPromptEncoder,
-    euler_sample_digits,
+    sample_digits,
     load_digits,
     load_wan_transformer,
     train_digit_classifier,
@@ -52,7 +52,10 @@ def test_bundled_checkpoints_are_small_and_complete():
             section["training"]
         )
         scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 5.0
+        # Wan's published scheduler: UniPC on flow sigmas (flow prediction), the model's shift.
+        assert scheduler["_class_name"] == "UniPCMultistepScheduler" and scheduler["flow_shift"] == 5.0
+        assert scheduler["prediction_type"] == "flow_prediction" and scheduler["use_flow_sigmas"] is True
+        assert index["scheduler"] == ["diffusers", "UniPCMultistepScheduler"]
         assert (root / "tokenizer" / "tokenizer.json").is_file()
         for part in EXPERTS[name]:
             model = load_wan_transformer(root / part)
@@ -99,7 +102,7 @@ def test_samples_are_the_digits_asked_for(name, classifier):
     experts = [load_wan_transformer(root / part) for part in EXPERTS[name]]
     encoder = DigitPromptEncoder.from_pretrained(root)
     wanted = [k for k in range(10) for _ in range(2)]
-    samples = euler_sample_digits(
+    samples = sample_digits(
         experts[0],
         encoder,
         wanted,

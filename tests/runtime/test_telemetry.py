@@ -10,7 +10,7 @@ from ditcache.cache.schedule import resample_by_sigma
 from ditcache.models import REFERENCE_DIGITS
 from ditcache.params import load_params
 from ditcache.families import load_pipeline
-from ditcache.runtime.scheduler import flow_match_schedule
+from ditcache.runtime.scheduler import wan_schedule
 
 STEPS, SHIFT = 20, 5.0
 
@@ -38,7 +38,7 @@ def test_telemetry_matches_hook_counts_and_the_plan(pipe):
     tel = out.telemetry()
     # the plan, derived here from the params file and the run's sigmas, without the cache
     params = load_params("Reference-Digits")
-    sigmas = flow_match_schedule(STEPS, SHIFT).sigmas[:-1].tolist()
+    sigmas = wan_schedule(STEPS, SHIFT).sigmas[:-1].tolist()
     expected = {
         name: compute_skip_schedule(resample_by_sigma(params.curve(c), params.sigmas, sigmas), STEPS,
                                     params.K, params.thresh, params.retention_ratio)  # fmt: skip
@@ -87,7 +87,7 @@ def test_a_calibrator_passed_to_the_pipeline_records_the_run_sigmas(pipe):
 
     cal = create_feature_cache("calibrator", num_inference_steps=10, sigma_shift=SHIFT, model_name="m")
     pipe(prompt="a handwritten 4", num_inference_steps=10, sigma_shift=SHIFT, cache=cal, progress=False)
-    assert cal.sigmas == pytest.approx(flow_match_schedule(10, SHIFT).sigmas[:-1].tolist())
+    assert cal.sigmas == pytest.approx(wan_schedule(10, SHIFT).sigmas[:-1].tolist())
     assert params_from_dict(cal.result()).sigmas is not None
     with pytest.raises(CacheConfigError, match="different sigma"):
         pipe(prompt="a handwritten 4", num_inference_steps=10, sigma_shift=3.0, cache=cal, progress=False)

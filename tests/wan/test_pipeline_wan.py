@@ -185,7 +185,7 @@ def test_wan22_low_noise_cache_forces_compute_at_the_switch(pipe22):
 def tiny_params(tmp_path, monkeypatch):
     """A user params file "Tiny-Test" (the ada_taylor() curves, calibrated at 2N steps with sigmas)."""
     from ditcache.params.loader import PARAMS_DIR_ENV
-    from ditcache.runtime.scheduler import flow_match_schedule
+    from ditcache.runtime.scheduler import wan_schedule
 
     cal = 2 * STEPS
     data = {
@@ -197,7 +197,7 @@ def tiny_params(tmp_path, monkeypatch):
         "uncond_mag_ratios": [1.0] + [0.96] * (cal - 1),
         "num_inference_steps": cal,
         "sigma_shift": 1.0,
-        "sigmas": flow_match_schedule(cal, 1.0).sigmas[:-1].tolist(),
+        "sigmas": wan_schedule(cal, 1.0).sigmas[:-1].tolist(),
     }
     (tmp_path / "Tiny-Test.json").write_text(json.dumps(data))
     monkeypatch.setenv(PARAMS_DIR_ENV, str(tmp_path))
@@ -205,11 +205,12 @@ def tiny_params(tmp_path, monkeypatch):
 
 
 def test_enable_ada_taylor_resamples_the_curve_by_the_runs_sigmas(pipe, tiny_params):
-    from ditcache.runtime.scheduler import flow_match_schedule
+    from ditcache.runtime.scheduler import wan_schedule
 
     out = run(pipe, enable_ada_taylor_cache=True, model_type=tiny_params, sigma_shift=2.0)
+    assert out.sigmas == wan_schedule(STEPS, 2.0).sigmas.tolist()
     expected = AdaTaylorCache(
-        model_type=tiny_params, num_inference_steps=STEPS, sigmas=flow_match_schedule(STEPS, 2.0).sigmas[:-1].tolist()
+        model_type=tiny_params, num_inference_steps=STEPS, sigmas=wan_schedule(STEPS, 2.0).sigmas[:-1].tolist()
     )
     assert expected.resample_rule == "sigma"
     for is_cond, name in ((True, "cond"), (False, "uncond")):
@@ -377,40 +378,50 @@ def test_generate_cli_writes_output_and_reports_errors(tmp_path, make_tiny_wan, 
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_schedule_is_wans_shifted_grid():
-    from ditcache.runtime.scheduler import flow_match_schedule
+def test_schedule_is_wans_unipc_flow_grid():
+    from diffusers import UniPCMultistepScheduler
 
-    schedule = flow_match_schedule(4, 3.0)
-    base = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
-    assert torch.allclose(schedule.sigmas, 3 * base / (1 + 2 * base))
-    assert schedule.sigmas[0] == 1.0 and schedule.sigmas[-1] == 0.0
-    assert torch.allclose(schedule.timesteps, schedule.sigmas[:-1] * 1000)
-    # Euler is exact on a straight path: constant velocity v carries x_1 = noise to x_0 = noise - v.
-    noise, velocity = torch.randn(3), torch.randn(3)
-    x = noise
+    from ditcache.runtime.scheduler import wan_schedule
+
+    schedule = wan_schedule(4, 3.0)
+    assert schedule.scheduler_name == "UniPCMultistepScheduler" and schedule.shift == 3.0
+    reference = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    reference.set_timesteps(4)
+    assert torch.equal(schedule.sigmas, reference.sigmas.float()) and torch.equal(schedule.timesteps, reference.timesteps)
+    # The flow grid: linspace(1, 1/1000, N + 1)[:-1], shifted (the first just under 1), then exactly 0.
+    base = torch.linspace(1, 1 / 1000, 5, dtype=torch.float64)[:-1]
+    assert torch.allclose(schedule.sigmas[:-1].double(), 3 * base / (1 + 2 * base), atol=2e-6)
+    assert schedule.sigmas[-1] == 0.0
+    # UniPC (predicting x_0 = x - sigma v) is exact on a straight path: constant velocity v carries
+    # x_1 = noise to x_0 = noise - v.
+    noise, velocity = torch.randn(1, 2, 3), torch.randn(1, 2, 3)
+    x = noise * 1.0
     for i in range(schedule.num_steps):
         x = schedule.step(x, velocity, i)
-    assert torch.allclose(x, noise - velocity, atol=1e-6)
+    assert torch.allclose(x, noise - (1 - schedule.sigmas[0]) * noise - schedule.sigmas[0] * velocity, atol=1e-5)
+    with pytest.raises(RuntimeError, match="once each, in order"):
+        schedule.step(x, velocity, 0)
     with pytest.raises(ParamsError, match="sigma_shift must be a number > 0"):
-        flow_match_schedule(4, 0.0)
+        wan_schedule(4, 0.0)
 
 
 @torch.no_grad()
 def test_uncached_pipeline_equals_a_hand_written_cfg_euler_loop(pipe, prompt_encoder):
-    """The whole loop (encode, noise, CFG combine, Euler) against diffusers' forward, written out."""
-    from ditcache.runtime.scheduler import flow_match_schedule
+    """The whole loop (encode, noise, CFG combine, scheduler step) against diffusers' forward and
+    scheduler, written out."""
+    from diffusers import UniPCMultistepScheduler
 
     out = run(pipe, prompt=["a seven", "a two"], negative_prompt="blurry", seed=5, guidance_scale=3.0, sigma_shift=2.0)
     model = pipe._model
     cond = prompt_encoder.encode(["a seven", "a two"])
     uncond = prompt_encoder.encode(["blurry", "blurry"])
     x = torch.randn((2, 4, 1, 8, 8), generator=torch.Generator().manual_seed(5))
-    sigmas = flow_match_schedule(STEPS, 2.0).sigmas
-    for i in range(STEPS):
-        t = torch.full((2,), float(sigmas[i]) * 1000)
-        v_c = model(x, t, cond, return_dict=False)[0]
-        v_u = model(x, t, uncond, return_dict=False)[0]
-        x = x + float(sigmas[i + 1] - sigmas[i]) * (v_u + 3.0 * (v_c - v_u))
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=2.0)
+    scheduler.set_timesteps(STEPS)
+    for t in scheduler.timesteps:
+        v_c = model(x, t.expand(2), cond, return_dict=False)[0]
+        v_u = model(x, t.expand(2), uncond, return_dict=False)[0]
+        x = scheduler.step(v_u + 3.0 * (v_c - v_u), t, x, return_dict=False)[0]
     assert torch.allclose(out.frames, (x / 2 + 0.5).clamp(0, 1), atol=1e-5)
 
 

@@ -21,7 +21,7 @@ from ditcache.cache.ada_taylor import AdaTaylorCache
 from ditcache.errors import ParamsError
 from ditcache.runtime.loading import ModelSettings, load_model_dir
 from ditcache.families.wan.pipeline import Wan22Pipeline, WanPipeline, pipeline_for
-from ditcache.runtime.scheduler import flow_match_schedule
+from ditcache.runtime.scheduler import wan_schedule
 
 STEPS, Z, S_T = 6, 4, 2
 H = W = 8
@@ -114,14 +114,14 @@ def reference_loop(parts, model, prompts, negative, image, last_image, seed, gui
     condition, embeds = diffusers_condition(parts, model, image, last_image, batch, noise)
     transformer = parts[model]
     cond, uncond = parts["text"].encode(prompts), parts["text"].encode([negative] * batch)
-    sigmas = flow_match_schedule(STEPS, 1.0).sigmas
+    schedule = wan_schedule(STEPS, 1.0)  # the sampler the pipeline runs (diffusers' UniPC)
     x = noise
     for i in range(STEPS):
-        t = torch.full((batch,), float(sigmas[i]) * 1000)
+        t = schedule.timesteps[i].expand(batch)
         inp = torch.cat([x, condition], dim=1)
         v_c = transformer(inp, t, cond, encoder_hidden_states_image=embeds, return_dict=False)[0]
         v_u = transformer(inp, t, uncond, encoder_hidden_states_image=embeds, return_dict=False)[0]
-        x = x + float(sigmas[i + 1] - sigmas[i]) * (v_u + guidance * (v_c - v_u))
+        x = schedule.step(x, v_u + guidance * (v_c - v_u), i)
     vae = parts["vae"]
     mean = torch.tensor(vae.config.latents_mean).view(1, Z, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, Z, 1, 1, 1)

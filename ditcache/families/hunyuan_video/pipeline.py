@@ -8,8 +8,10 @@ because the cache keeps per-branch state.
 
 The prompt encoders (a Llama-3 8B LLM and CLIP-L) are large, so a request can bring its own
 embeddings (:class:`HunyuanPromptEmbeds`) instead; :class:`HunyuanPromptEncoder` loads the real
-ones from a local model directory when they are there. Sampling is ditcache's flow-matching Euler
-grid (``sigma_i = 1 - i/N``, shifted), which is the grid diffusers' HunyuanVideo pipeline uses.
+ones from a local model directory when they are there. Sampling is diffusers' own, as its
+HunyuanVideoPipeline does it: a fresh ``FlowMatchEulerDiscreteScheduler`` per request (from the
+folder's scheduler config, the request's shift as its ``shift``) with ``sigmas = linspace(1, 0, N +
+1)[:-1]``, so a request without cache gives diffusers' latents.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ditcache.runtime.request import (
     to_unit,
     vae_decode,
 )
-from ditcache.runtime.scheduler import flow_match_schedule
+from ditcache.runtime.scheduler import config_shift, hunyuan_video_schedule
 
 EXPERT = "transformer"
 
@@ -143,7 +145,8 @@ class HunyuanVideoPipeline(DenoisingPipeline):
 
     ``vae`` (AutoencoderKLHunyuanVideo) is needed to decode frames and to encode an I2V ``image``;
     without one, requests return latents (``output_type="latent"``) and I2V takes ``image_latents``.
-    ``default_shift`` is the sigma shift of a request that names none (the scheduler config's).
+    ``default_shift`` is the sigma shift of a request that names none (the scheduler config's);
+    ``scheduler_config`` the folder's ``scheduler_config.json`` (None: FlowMatchEuler, as published).
     ``parallel`` is this rank's process groups (CFG-parallel needs real CFG, i.e. a negative prompt);
     None = one process.
     """
@@ -156,11 +159,13 @@ class HunyuanVideoPipeline(DenoisingPipeline):
         *,
         default_shift: float = 7.0,
         parallel: ParallelGroups | None = None,
+        scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         self.adapter = HunyuanVideoAdapter(transformer)
         super().__init__({EXPERT: self.adapter}, parallel)
         self.vae = vae
         self.prompt_encoder = prompt_encoder
+        self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
         # The released request: 720p, 129 frames, 50 steps, guidance distilled (real CFG off).
         self.settings = ModelSettings(
             latent_space="vae",
@@ -195,8 +200,9 @@ class HunyuanVideoPipeline(DenoisingPipeline):
         # loaded here, I2V requests bring prompt_embeds.
         if part_spec(index, "text_encoder") == ("transformers", "LlamaModel"):
             encoder = HunyuanPromptEncoder.from_pretrained(root, dtype=dtype).to(device)
-        shift = float(scheduler_config(root, index).get("shift", 7.0))
-        return cls(transformer, vae, encoder, default_shift=shift, parallel=parallel)
+        config = scheduler_config(root, index) or None
+        shift = (config_shift(config) if config else None) or 7.0
+        return cls(transformer, vae, encoder, default_shift=shift, parallel=parallel, scheduler_config=config)
 
     @property
     def image_condition_type(self) -> str | None:
@@ -305,9 +311,10 @@ class HunyuanVideoPipeline(DenoisingPipeline):
             if uncond.embeds.shape[0] != batch:
                 raise ParamsError(f"{uncond.embeds.shape[0]} negative conditionings for {batch} prompts")
 
-        schedule = flow_match_schedule(
+        schedule = hunyuan_video_schedule(
             settings.default_steps if num_inference_steps is None else num_inference_steps,
             settings.default_shift if sigma_shift is None else sigma_shift,
+            self.scheduler_config,
         )
         cache = cache_from_arguments(
             cache, enable_ada_taylor_cache, ada_taylor_n_derivatives, ada_taylor_taylor_threshold, model_type

@@ -7,9 +7,13 @@ norm-preserving CFG: the combined prediction is rescaled, per token, to the cond
 Edit-Plus appends the reference images' packed latents to the noisy latents along the sequence; the
 block stack and the cache see the whole sequence, and only the noisy part of the prediction is used.
 
-Sampling is ditcache's flow-matching Euler grid (``sigma_i = 1 - i/N``, shifted). Qwen-Image's
-scheduler shifts "dynamically" by the image's token count: ``exp(mu)`` with ``mu`` linear in the
-count, which is the same map as a static shift of ``exp(mu)``; ``sigma_shift=None`` computes it.
+Sampling is diffusers' own, as its QwenImagePipeline does it: a fresh
+``FlowMatchEulerDiscreteScheduler`` per request (the folder's scheduler config; default the
+published Qwen-Image one) with ``sigmas = linspace(1, 1/N, N)`` and, the scheduler shifting
+"dynamically", ``mu`` linear in the image's token count; the model gets ``timestep / 1000``. A
+request's ``sigma_shift`` replaces the dynamic shift by that static one (the same map as ``mu =
+log(shift)``); ``sigma_shift=None`` keeps diffusers' behaviour. So a request without cache gives
+diffusers' latents.
 
 The prompt encoder (Qwen2.5-VL 7B) is large: requests can bring :class:`QwenPromptEmbeds`;
 :class:`QwenPromptEncoder` loads the real one from a local model directory when it is there.
@@ -44,7 +48,7 @@ from ditcache.runtime.request import (
     latent_grid,
     latent_mean_std,
 )
-from ditcache.runtime.scheduler import flow_match_schedule
+from ditcache.runtime.scheduler import qwen_image_schedule
 
 EXPERT = "transformer"
 
@@ -65,7 +69,7 @@ EDIT_IMAGE_SLOT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 # Edit-Plus sizes: reference images reach the VAE at ~1024^2 pixels and the prompt encoder at ~384^2.
 VAE_IMAGE_AREA, CONDITION_IMAGE_AREA = 1024 * 1024, 384 * 384
 # The released requests: text-to-image, and Edit-Plus (with reference images). The shift is None
-# because Qwen-Image's depends on the resolution (:class:`DynamicShift`).
+# because Qwen-Image's depends on the resolution (the scheduler's dynamic shifting).
 T2I_SETTINGS = ModelSettings(
     latent_space="vae",
     height=1024,
@@ -171,27 +175,14 @@ class QwenPromptEncoder(torch.nn.Module):
         return QwenPromptEmbeds(embeds, None if bool(mask.all()) else mask)
 
 
-@dataclass(frozen=True)
-class DynamicShift:
-    """Qwen-Image's resolution-dependent shift: ``exp(mu)``, ``mu`` linear in the image token count."""
-
-    base_seq_len: int = 256
-    max_seq_len: int = 4096
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-
-    def __call__(self, image_seq_len: int) -> float:
-        slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
-        return math.exp(self.base_shift + slope * (image_seq_len - self.base_seq_len))
-
-
 class QwenImagePipeline(DenoisingPipeline):
     """Qwen-Image T2I, and Edit-Plus when reference images are given, with a feature cache.
 
     ``vae`` (AutoencoderKLQwenImage) decodes images and encodes reference images; without one,
     requests return latents (``output_type="latent"``) and Edit-Plus takes ``reference_latents``.
     ``settings`` are the defaults of a text-to-image request, ``edit_settings`` those of a request
-    with reference images. ``parallel`` is this rank's process groups; None = one process.
+    with reference images. ``scheduler_config`` is the folder's ``scheduler_config.json`` (None: the
+    published Qwen-Image scheduler). ``parallel`` is this rank's process groups; None = one process.
     """
 
     settings = T2I_SETTINGS
@@ -203,14 +194,14 @@ class QwenImagePipeline(DenoisingPipeline):
         vae: torch.nn.Module | None = None,
         prompt_encoder: QwenPromptEncoder | None = None,
         *,
-        dynamic_shift: DynamicShift = DynamicShift(),
+        scheduler_config: dict[str, Any] | None = None,
         parallel: ParallelGroups | None = None,
     ) -> None:
         self.adapter = QwenImageAdapter(transformer)
         super().__init__({EXPERT: self.adapter}, parallel)
         self.vae = vae
         self.prompt_encoder = prompt_encoder
-        self.dynamic_shift = dynamic_shift
+        self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
 
     @classmethod
     def from_pretrained(
@@ -231,14 +222,8 @@ class QwenImagePipeline(DenoisingPipeline):
         encoder = None
         if part_spec(index, "text_encoder") is not None:
             encoder = QwenPromptEncoder.from_pretrained(root, dtype=dtype).to(device)
-        config, default = scheduler_config(root, index), DynamicShift()
-        shift = DynamicShift(
-            config.get("base_image_seq_len", default.base_seq_len),
-            config.get("max_image_seq_len", default.max_seq_len),
-            config.get("base_shift", default.base_shift),
-            config.get("max_shift", default.max_shift),
-        )
-        return cls(transformer, vae, encoder, dynamic_shift=shift, parallel=parallel)
+        config = scheduler_config(root, index) or None
+        return cls(transformer, vae, encoder, scheduler_config=config, parallel=parallel)
 
     # -- geometry and latents ----------------------------------------------------------------------
 
@@ -387,9 +372,11 @@ class QwenImagePipeline(DenoisingPipeline):
 
         latents = self._pack(initial_noise((batch, model.config.in_channels // (p * p), h, w), seed)).to(device)
         n_noisy = latents.shape[1]
-        shift = self.dynamic_shift(n_noisy) if sigma_shift is None else sigma_shift
-        schedule = flow_match_schedule(
-            settings.default_steps if num_inference_steps is None else num_inference_steps, shift
+        schedule = qwen_image_schedule(
+            settings.default_steps if num_inference_steps is None else num_inference_steps,
+            n_noisy,
+            sigma_shift,
+            self.scheduler_config,
         )
         cache = cache_from_arguments(
             cache, enable_ada_taylor_cache, ada_taylor_n_derivatives, ada_taylor_taylor_threshold, model_type
@@ -413,8 +400,8 @@ class QwenImagePipeline(DenoisingPipeline):
                 reference_latents if reference_images is None else reference_images,
             ),
             model_input=lambda x, step: torch.cat([x, *reference_tokens], dim=1).to(dtype),
-            # The model takes sigma, not sigma * 1000.
-            timestep=lambda step: schedule.sigmas[step].to(device).expand(batch),
+            # The model takes timestep / 1000 (the sigma), computed as diffusers does.
+            timestep=lambda step: schedule.timesteps[step].to(device).expand(batch).to(dtype) / 1000,
             # Only the noisy latents are integrated; the reference tokens' predictions are dropped.
             prediction=lambda velocity: velocity[:, :n_noisy],
             guidance_rule=qwen_guidance,

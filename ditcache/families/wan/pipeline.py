@@ -13,6 +13,13 @@ with ``is_cond`` set, because a feature cache keeps per-branch state (curve, cou
 with guidance off the unconditional branch never runs. Every request starts from a reset cache, so
 back-to-back requests give the same result as fresh ones. The loop, the caches and the parallel
 layout (CFG-parallel, Ulysses SP) are the shared core of ``ditcache.runtime.denoise``.
+
+Sampling is diffusers' own: every request builds a fresh scheduler from the model folder's
+``scheduler_config.json`` (default, as the published Wan folders: ``UniPCMultistepScheduler`` with
+flow prediction and flow sigmas) with the request's shift as ``flow_shift``, and sets its timesteps
+as diffusers' ``WanPipeline`` does, so a request without cache gives diffusers' latents. Wan2.2
+switches experts where diffusers does (``t >= boundary_ratio * num_train_timesteps`` on the
+scheduler's timesteps), and its low-noise steps take ``guidance_scale_2`` (default: ``guidance_scale``).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from ditcache.runtime.request import (
     prompt_lists,
     to_unit,
 )
-from ditcache.runtime.scheduler import FlowMatchSchedule, experts_by_boundary, flow_match_schedule
+from ditcache.runtime.scheduler import Schedule, experts_by_boundary, wan_schedule
 from ditcache.runtime.text_encoders import TextEncoder
 
 __all__ = ["Wan22Pipeline", "WanPipeline", "load", "pipeline_for"]
@@ -60,12 +67,13 @@ class _Request:
 
     prompts: list[str]
     negative_prompts: list[str]
-    schedule: FlowMatchSchedule
+    schedule: Schedule
     guidance_scale: float
     seed: int
     latent_shape: tuple[int, ...]
     experts: list[str]  # expert name per step
     num_frames: int = 1
+    guidance_scale_2: float | None = None  # Wan2.2: the low-noise expert's guidance
 
     @property
     def do_cfg(self) -> bool:
@@ -76,8 +84,10 @@ class WanPipeline(DenoisingPipeline):
     """Wan2.1 text-to-video (or text-to-image with ``num_frames=1``) with a feature cache.
 
     ``latent_space`` "pixel" (no VAE: the model denoises pixels in [-1, 1]; decoding is a clamp) or
-    "vae" (AutoencoderKLWan latents) comes from the model directory's settings. ``parallel`` is this
-    rank's process groups (see :class:`~ditcache.runtime.denoise.DenoisingPipeline`); None = one process.
+    "vae" (AutoencoderKLWan latents) comes from the model directory's settings. ``scheduler_config``
+    is the folder's ``scheduler_config.json`` (None: UniPC as the published Wan folders). ``parallel``
+    is this rank's process groups (see :class:`~ditcache.runtime.denoise.DenoisingPipeline`); None =
+    one process.
     """
 
     expert_names: tuple[str, ...] = (HIGH_NOISE,)
@@ -92,6 +102,7 @@ class WanPipeline(DenoisingPipeline):
         image_encoder: torch.nn.Module | None = None,
         image_processor: Any | None = None,
         parallel: ParallelGroups | None = None,
+        scheduler_config: Mapping[str, Any] | None = None,
     ) -> None:
         missing = [name for name in self.expert_names if name not in transformers]
         if missing:
@@ -108,6 +119,7 @@ class WanPipeline(DenoisingPipeline):
         self.vae = vae
         self.image_encoder = image_encoder
         self.image_processor = image_processor
+        self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
         self._check_image_parts()
 
     def _check_image_parts(self) -> None:
@@ -166,6 +178,7 @@ class WanPipeline(DenoisingPipeline):
             image_encoder=loaded.image_encoder,
             image_processor=loaded.image_processor,
             parallel=parallel,
+            scheduler_config=loaded.scheduler_config,
         )
 
     @classmethod
@@ -203,8 +216,14 @@ class WanPipeline(DenoisingPipeline):
 
     # -- experts ----------------------------------------------------------------------------------
 
-    def _experts_per_step(self, schedule: FlowMatchSchedule) -> list[str]:
+    def _experts_per_step(self, schedule: Schedule) -> list[str]:
         return [HIGH_NOISE] * schedule.num_steps
+
+    def _guidance_scale_2(self, guidance_scale_2: float | None, guidance_scale: float) -> float | None:
+        """Wan2.1 has one expert: a second guidance scale would be ignored, so it is refused (as diffusers)."""
+        if guidance_scale_2 is not None:
+            raise ParamsError("guidance_scale_2 applies to two-expert models (Wan2.2 A14B); this model has one")
+        return None
 
     # -- the request ------------------------------------------------------------------------------
 
@@ -219,13 +238,20 @@ class WanPipeline(DenoisingPipeline):
         height: int | None,
         width: int | None,
         num_frames: int | None,
+        guidance_scale_2: float | None = None,
     ) -> _Request:
         settings = self.settings
         prompts, negatives = prompt_lists(prompt, negative_prompt)
         steps = settings.default_steps if num_inference_steps is None else num_inference_steps
         shift = settings.default_shift if sigma_shift is None else sigma_shift
         guidance = check_guidance(settings.default_guidance_scale if guidance_scale is None else guidance_scale)
-        schedule = flow_match_schedule(steps, shift)
+        guidance_2 = self._guidance_scale_2(guidance_scale_2, guidance)
+        if guidance_2 is not None and guidance_2 > 1.0 and guidance <= 1.0:
+            raise ParamsError(
+                f"guidance_scale_2={guidance_2} needs guidance_scale > 1: the unconditional branch runs on every "
+                f"step or on none, and guidance_scale={guidance} turns it off"
+            )
+        schedule = wan_schedule(steps, shift, self.scheduler_config)
         frames = settings.num_frames if num_frames is None else num_frames
         shape = self._latent_shape(
             len(prompts),
@@ -234,7 +260,9 @@ class WanPipeline(DenoisingPipeline):
             frames,
         )
         experts = self._experts_per_step(schedule)
-        return _Request(prompts, negatives, schedule, guidance, check_seed(seed), shape, experts, frames)
+        return _Request(
+            prompts, negatives, schedule, guidance, check_seed(seed), shape, experts, frames, guidance_2
+        )
 
     @torch.inference_mode()
     def __call__(
@@ -258,6 +286,7 @@ class WanPipeline(DenoisingPipeline):
         output_type: Literal["frames", "latent"] = "frames",
         progress: bool = True,
         last_image: Any | None = None,
+        guidance_scale_2: float | None = None,
     ) -> GenerationOutput:
         """Generate one sample per prompt.
 
@@ -266,7 +295,8 @@ class WanPipeline(DenoisingPipeline):
         ``Calibrator`` measures and is shared by all experts), a mapping expert -> cache, or None:
         every step computes. The seed keywords ``enable_ada_taylor_cache=True,
         ada_taylor_n_derivatives=..., model_type=...`` build an ``AdaTaylorConfig``.
-        ``guidance_scale <= 1`` runs no unconditional pass. ``frames`` is ``[B, C, F, H, W]`` in
+        ``guidance_scale <= 1`` runs no unconditional pass. ``guidance_scale_2`` (Wan2.2 only) is
+        the low-noise expert's guidance; None: ``guidance_scale``, as diffusers. ``frames`` is ``[B, C, F, H, W]`` in
         [0, 1], or with ``output_type="latent"`` the final latents (no decoding).
 
         An image-conditioned checkpoint needs ``image`` (the first frame: a PIL image or a ``[3, H, W]``
@@ -277,7 +307,8 @@ class WanPipeline(DenoisingPipeline):
         check_output_type(output_type, can_decode=True)
         self._check_image_request(image, last_image)
         request = self._prepare(
-            prompt, negative_prompt, num_inference_steps, guidance_scale, sigma_shift, seed, height, width, num_frames
+            prompt, negative_prompt, num_inference_steps, guidance_scale, sigma_shift, seed, height, width, num_frames,
+            guidance_scale_2,
         )
         cache = cache_from_arguments(
             cache, enable_ada_taylor_cache, ada_taylor_n_derivatives, ada_taylor_taylor_threshold, model_type
@@ -320,6 +351,8 @@ class WanPipeline(DenoisingPipeline):
             conditioning=conditioning_hash(request.prompts, request.negative_prompts, first, last),
             model_input=model_input,
             timestep=lambda step: schedule.timesteps[step].to(device).expand(batch),
+            guidance_scale_2=request.guidance_scale_2,
+            guidance_steps_2=frozenset(s for s, e in enumerate(request.experts) if e == LOW_NOISE),
         )
         latents = self._denoise(loop, initial_noise(request.latent_shape, request.seed).to(device), progress)
         frames = latents.cpu() if output_type == "latent" else self._decode(latents)
@@ -409,8 +442,9 @@ class WanPipeline(DenoisingPipeline):
 class Wan22Pipeline(WanPipeline):
     """Wan2.2 A14B: a high-noise expert (``transformer``) then a low-noise one (``transformer_2``).
 
-    Step ``i`` uses the high-noise expert while ``timestep_i >= boundary_ratio * 1000`` (as diffusers'
-    WanPipeline does). Each expert has its own cache, built over all N steps from the same params.
+    Step ``i`` uses the high-noise expert while ``timestep_i >= boundary_ratio * num_train_timesteps``
+    on the scheduler's timesteps (as diffusers' WanPipeline does); the low-noise steps are guided by
+    ``guidance_scale_2`` (default ``guidance_scale``). Each expert has its own cache, built over all N steps from the same params.
     The caches' step counters equal the global step index: the high-noise expert runs first, from
     step 0, so its counter needs nothing; the low-noise cache is built with ``init_step`` = its first
     step, which makes its counter start there and forces a compute on it, so no residual crosses the
@@ -432,6 +466,7 @@ class Wan22Pipeline(WanPipeline):
         image_encoder: torch.nn.Module | None = None,
         image_processor: Any | None = None,
         parallel: ParallelGroups | None = None,
+        scheduler_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
             transformers,
@@ -441,14 +476,20 @@ class Wan22Pipeline(WanPipeline):
             image_encoder=image_encoder,
             image_processor=image_processor,
             parallel=parallel,
+            scheduler_config=scheduler_config,
         )
         ratio = settings.boundary_ratio if boundary_ratio is None else boundary_ratio
         if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ParamsError(f"Wan2.2 needs boundary_ratio in [0, 1] (model_index.json or argument), got {ratio!r}")
         self.boundary_ratio = float(ratio)
 
-    def _experts_per_step(self, schedule: FlowMatchSchedule) -> list[str]:
-        return experts_by_boundary(schedule.timesteps, self.boundary_ratio, HIGH_NOISE, LOW_NOISE)
+    def _experts_per_step(self, schedule: Schedule) -> list[str]:
+        return experts_by_boundary(
+            schedule.timesteps, self.boundary_ratio, HIGH_NOISE, LOW_NOISE, schedule.num_train_timesteps
+        )
+
+    def _guidance_scale_2(self, guidance_scale_2: float | None, guidance_scale: float) -> float | None:
+        return guidance_scale if guidance_scale_2 is None else check_guidance(guidance_scale_2)
 
 
 def pipeline_for(loaded: LoadedModel, *, parallel: ParallelGroups | None = None) -> WanPipeline:
