@@ -18,6 +18,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 
 from ditcache.cache.ada_taylor import AdaTaylorConfig
 from ditcache.cache.plan import plan_run
@@ -206,7 +207,13 @@ def _run_launcher(command: str, argv: list[str]) -> int:
     return module.main(argv, prog=f"ditcache {command}")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """A warning as one ``warning: ...`` line, without the source line Python prints under it."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command in LAUNCHERS:

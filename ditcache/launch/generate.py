@@ -204,8 +204,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "ditcache generate") -> 
     try:
         result = run(args)
     except DitCacheError as exc:
-        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"error{where}: {exc}", file=sys.stderr)
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        where = f"rank {os.environ['RANK']}" if distributed else ""
+        # A message that starts with this rank already (a rendezvous error) names it once, not twice.
+        text = str(exc).removeprefix(f"{where}: ") if distributed else str(exc)
+        print(f"error{f' ({where})' if distributed else ''}: {text}", file=sys.stderr)
         return 2
     if result.rank == 0:
         print(result.output.summary())

@@ -30,7 +30,8 @@ def check_writable_dir(folder: Path, what: str) -> Path:
     """``folder`` can hold new files: it is a writable directory, or can be created as one."""
     existing = nearest_existing(folder)
     if not existing.is_dir():
-        raise ParamsError(f"{what}: {folder} lies under {existing}, which is a file, not a directory; choose another path")
+        where = "is a file" if existing == folder.absolute() else f"lies under {existing}, which is a file"
+        raise ParamsError(f"{what}: {folder} {where}, not a directory; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ParamsError(f"{what}: cannot write in {existing} (permission denied); choose another path")
     return folder
@@ -49,7 +50,7 @@ def check_output_path(
         raise ParamsError(f"{flag} {path} is a directory; give a file name inside it")
     if is_shipped_params_path(path) and not allow_shipped:
         raise ParamsError(f"{flag} {path} is inside ditcache's shipped params; write to your own params directory")
-    check_writable_dir(path.parent, flag)
+    check_writable_dir(path.parent, f"{flag} {path}")
     if path.exists() and not overwrite:
         raise ParamsError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another name")
     return path

@@ -36,7 +36,7 @@ def error_line(capsys) -> str:
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("under_file/x.png", "which is a file, not a directory"),
+        ("under_file/x.png", "under_file is a file, not a directory"),
         ("x.gif", "must end in .png or .mp4"),
         ("a_dir.png", "is a directory"),
         ("exists.png", "already exists; pass --overwrite"),
@@ -97,7 +97,7 @@ def test_a_prompts_file_of_blank_lines_is_an_error(tmp_path, capsys, no_load):
     "output, expected",
     [
         ("a_dir.json", "is a directory"),
-        ("under_file/x.json", "which is a file, not a directory"),
+        ("under_file/x.json", "under_file is a file, not a directory"),
         ("exists.json", "already exists; pass --overwrite"),
         ("x.txt", "must end in .json"),
         (str(SHIPPED_PARAMS_DIR / "Reference-Digits.json"), "shipped params"),

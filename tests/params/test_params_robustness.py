@@ -127,6 +127,8 @@ def test_cli_list_and_plan_survive_bad_user_files(tmp_path):
     assert "Traceback" not in out.stderr
     for name in BAD:
         assert out.stderr.count(f"{name}.json") == 1
+    assert len(out.stderr.strip().splitlines()) == len(BAD)  # one line per bad file
+    assert all(line.startswith("warning: skipped a bad params file") for line in out.stderr.splitlines())
     assert run_cli("--params-dir", directory, "plan", "--model", "Qwen-Image", "--json").returncode == 0
     unknown = run_cli("--params-dir", directory, "plan", "--model", "Nope")
     assert unknown.returncode == 2 and "unknown model_type 'Nope'" in unknown.stderr
