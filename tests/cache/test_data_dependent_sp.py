@@ -65,9 +65,11 @@ def _caches() -> dict[str, Any]:
     }
 
 
+# Thresholds where the shards' own statistics straddle the threshold at some step (first block:
+# at cond step 3 the three shards measure 0.099, 0.121 and 0.098), so local decisions must diverge.
 LOCAL = {
     "teacache_on_input": lambda: LocalTeaCacheOnInput(STEPS, thresh=0.15, warmup=2),
-    "first_block": lambda: LocalFirstBlockCache(STEPS, threshold=0.08),
+    "first_block": lambda: LocalFirstBlockCache(STEPS, threshold=0.11),
 }
 
 
