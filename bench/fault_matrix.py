@@ -401,17 +401,17 @@ def group2(tmp) -> list[Result]:
             "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--rdzv-conf", "timeout=15",
             str(REPO / "launch" / "generate.py"), *COMMON[:-1], "10", "--output", str(out)]
     res = Result(2, "node 1 never started, real torchrun --nnodes=2 (node 0 only, --rdzv-conf timeout=15)",
-                 "as above: a deadline error naming the missing rank", " ".join(_short(a) for a in argv))
+                 "outside ditcache: torchrun's agent gives up at its --rdzv-conf timeout (the README says to set it)", " ".join(_short(a) for a in argv))
     t0 = time.monotonic()
     proc = start("torchrun", argv, base_env(work), work)
     wait_all([proc], 60)
     res.ranks = [observe(proc, "node 0 agent", t0)]
     res.output_written = out.exists()
     res.time_to_fail_s = res.ranks[0].exit_s
-    res = check(res, codes=failed, contains=["rank 1", "did not join"], max_s=45)
+    res = check(res, codes=failed, contains=["1/2 clients joined"], no_traceback=False, max_s=30)
     res.notes = ("torchrun's own agent rendezvous (static, default timeout 600 s, silent meanwhile) waits for the "
                  "other node before any rank process starts, so ditcache's --timeout and its message never apply; "
-                 "the agent fails with its traceback and exit 1")
+                 "the agent fails with its traceback and exit 1; without --rdzv-conf it waits 600 s")
     rows.append(res)
     return rows
 
@@ -498,9 +498,9 @@ def group4(tmp) -> list[Result]:
 
     work = tmp("underfile")
     (work / "afile").write_text("a file")
-    rows.append(single(4, "--output under a regular file", "exit 2 before loading, one line '... which is a file, not "
+    rows.append(single(4, "--output under a regular file", "exit 2 before loading, one line '... is a file, not "
                        "a directory'", [*CLI, "generate", *ONE, "--output", str(work / "afile" / "x.png")], work,
-                       keep=work / "afile", contains=["which is a file, not a directory"], max_s=20))
+                       keep=work / "afile", contains=["is a file, not a directory"], max_s=20))
 
     work = tmp("suffix")
     rows.append(single(4, "--output x.xyz", "exit 2 before loading, one line '--output ... must end in .png or .mp4'",
