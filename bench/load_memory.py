@@ -1,14 +1,20 @@
-"""Peak host memory and time of loading a Wan2.1-T2V-1.3B transformer, old loader vs new.
+"""Peak host memory and time of loading a Wan2.1-T2V-1.3B transformer: old loader, diffusers, new.
 
 A random-weight checkpoint of the 1.3B transformer config is written as sharded safetensors
-(``max_shard_size="1GB"``) in bf16 and in fp32. Each {old, new} loader x {bf16, fp32} checkpoint
-loads it into bf16 in a fresh subprocess, so every peak RSS (``VmHWM``) is that load's alone; the
-subprocess also reports its RSS just before loading (interpreter, torch and diffusers imported).
+(``max_shard_size="1GB"``) in bf16 and in fp32, and the fp32 one also as a single 5.7 GB file
+(``fp32-1file``, the way small models are often published). Each loader x checkpoint loads it into
+bf16 in a fresh subprocess, so every peak RSS (``VmHWM``) is that load's alone; the subprocess also
+reports its RSS just before loading (interpreter, torch and diffusers imported). The loaders:
+``old`` builds an fp32 model and loads a whole state dict (the baseline); ``diffusers`` is
+``from_pretrained(torch_dtype=bf16, low_cpu_mem_usage=True)``, reading whole shards rather than
+mapping them when it casts (the loader before tensor-by-tensor streaming); ``new`` is
+:func:`ditcache.runtime.loading.load_diffusers_model`.
 Every loaded tensor is read once before the peak is taken, and ``seconds`` includes that read:
 weights loaded from a bf16 checkpoint may still be mapped from the file, unread and so not yet
 resident, and the first denoising step would page them in.
 
-    python bench/load_memory.py [--workdir DIR] [--num-layers 30] [--out bench/results/load_memory.json]
+    python bench/load_memory.py [--workdir DIR] [--num-layers 30] [--loaders old diffusers new]
+                                [--out bench/results/load_memory.json]
 
 ``ratio`` is peak RSS over the bytes of the loaded parameters and buffers; the new loader targets
 at most 1.3. The checkpoints are reused when ``--workdir`` already holds them.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,9 +54,10 @@ WAN_1_3B = dict(
     eps=1e-6,
     rope_max_seq_len=1024,
 )
-CHECKPOINT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+CHECKPOINT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp32-1file": torch.float32}
+MAX_SHARD_SIZE = {"bf16": "1GB", "fp32": "1GB", "fp32-1file": None}  # None: one file
 TARGET = "bf16"
-METHODS = ("old", "new")
+METHODS = ("old", "diffusers", "new")
 
 
 def legacy_load(cls: type, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -82,6 +90,21 @@ def legacy_load(cls: type, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
+def diffusers_load(cls: type, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """diffusers' own loader as this repository called it before streaming: shards read whole (not
+    mapped) when they are cast, since a mapped shard stays resident behind its fp32-kept weights."""
+    from ditcache.runtime.loading import _stored_dtype
+
+    return cls.from_pretrained(
+        str(folder),
+        torch_dtype=dtype,
+        low_cpu_mem_usage=True,
+        local_files_only=True,
+        use_safetensors=True,
+        disable_mmap=_stored_dtype(folder) != dtype,
+    ).eval()
+
+
 def proc_status_bytes(field: str) -> int:
     """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -102,6 +125,9 @@ def write_checkpoints(workdir: Path, num_layers: int) -> dict[str, Path]:
     folders = {name: workdir / f"wan1.3b-{name}" for name in CHECKPOINT_DTYPES}
     if all((folder / "config.json").is_file() for folder in folders.values()):
         return folders
+    if all((folders[name] / "config.json").is_file() for name in ("bf16", "fp32")):  # written before 1file
+        merge_shards(folders["fp32"], folders["fp32-1file"])
+        return folders
     with init_empty_weights():
         model = WanTransformer3DModel(**{**WAN_1_3B, "num_layers": num_layers})
     model.to_empty(device="cpu")
@@ -112,8 +138,51 @@ def write_checkpoints(workdir: Path, num_layers: int) -> dict[str, Path]:
     # fp32 first, then cast in place: the fp32 model is never held twice.
     for name in ("fp32", "bf16"):
         model.to(CHECKPOINT_DTYPES[name])
-        model.save_pretrained(folders[name], max_shard_size="1GB")
+        model.save_pretrained(folders[name], max_shard_size=MAX_SHARD_SIZE[name])
+    del model
+    merge_shards(folders["fp32"], folders["fp32-1file"])
     return folders
+
+
+def merge_shards(sharded: Path, single: Path) -> None:
+    """Write ``sharded``'s checkpoint as one ``diffusion_pytorch_model.safetensors`` in ``single``.
+
+    The shards' bytes are copied as they are, behind one header whose offsets are shifted by the
+    shards before: a second save_pretrained would hold the fp32 model and its serialized copy at once.
+    """
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    index = sharded / SAFE_WEIGHTS_INDEX_NAME
+    if not index.is_file():  # a small --num-layers fits one shard
+        shards = [SAFETENSORS_WEIGHTS_NAME]
+    else:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    header: dict[str, dict] = {}
+    parts = []
+    shift = 0
+    for name in shards:
+        with (sharded / name).open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            shard_header = json.loads(handle.read(length))
+        metadata = shard_header.pop("__metadata__", None)
+        if metadata:
+            header["__metadata__"] = metadata
+        for key, entry in shard_header.items():
+            start, end = entry["data_offsets"]
+            header[key] = {**entry, "data_offsets": [start + shift, end + shift]}
+        size = (sharded / name).stat().st_size - 8 - length
+        parts.append((sharded / name, 8 + length))
+        shift += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data on 8 bytes
+    single.mkdir(parents=True, exist_ok=True)
+    with (single / SAFETENSORS_WEIGHTS_NAME).open("wb") as out:
+        out.write(len(encoded).to_bytes(8, "little") + encoded)
+        for path, data_start in parts:
+            with path.open("rb") as handle:
+                handle.seek(data_start)
+                shutil.copyfileobj(handle, out, 64 << 20)
+    shutil.copy(sharded / "config.json", single / "config.json")
 
 
 def measure(method: str, folder: Path) -> dict[str, float | int]:
@@ -125,6 +194,8 @@ def measure(method: str, folder: Path) -> dict[str, float | int]:
     start = time.perf_counter()
     if method == "old":
         model = legacy_load(WanTransformer3DModel, folder, dtype)
+    elif method == "diffusers":
+        model = diffusers_load(WanTransformer3DModel, folder, dtype)
     else:
         model = load_diffusers_model(WanTransformer3DModel, folder, dtype)
     tensors = [*model.parameters(), *model.buffers()]
@@ -149,10 +220,10 @@ def run_fresh(method: str, folder: Path) -> dict[str, float | int]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_rows(folders: dict[str, Path]) -> list[dict]:
-    """One row per loader x checkpoint dtype, each measured in a fresh subprocess (printed as it lands)."""
+def bench_rows(folders: dict[str, Path], methods: list[str]) -> list[dict]:
+    """One row per loader x checkpoint, each measured in a fresh subprocess (printed as it lands)."""
     rows = []
-    for method in METHODS:
+    for method in methods:
         for name, folder in folders.items():
             result = run_fresh(method, folder)
             ratio = round(result["peak_rss_bytes"] / result["loaded_bytes"], 3)
@@ -169,13 +240,13 @@ def weights_bytes(folder: Path) -> int:
 def table(rows: list[dict]) -> str:
     """Rows as an aligned text table (sizes in GB, 1e9 bytes)."""
     header = (
-        f"{'loader':<6} {'ckpt':<5} {'target':<6} {'peak RSS GB':>11} {'RSS before GB':>13} "
+        f"{'loader':<9} {'ckpt':<10} {'target':<6} {'peak RSS GB':>11} {'RSS before GB':>13} "
         f"{'loaded GB':>9} {'ratio':>6} {'seconds':>8}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['loader']:<6} {r['checkpoint_dtype']:<5} {r['target_dtype']:<6} "
+            f"{r['loader']:<9} {r['checkpoint_dtype']:<10} {r['target_dtype']:<6} "
             f"{r['peak_rss_bytes'] / 1e9:>11.2f} {r['rss_before_load_bytes'] / 1e9:>13.2f} "
             f"{r['loaded_bytes'] / 1e9:>9.2f} {r['ratio']:>6.2f} {r['seconds']:>8.1f}"
         )
@@ -186,6 +257,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, help="where the checkpoints are written (default: a temp dir)")
     parser.add_argument("--num-layers", type=int, default=WAN_1_3B["num_layers"], help="fewer for a quick run")
+    parser.add_argument("--loaders", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "load_memory.json")
     parser.add_argument("--measure", nargs=2, metavar=("LOADER", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,12 +267,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folders = write_checkpoints(args.workdir or Path(tmp), args.num_layers)
-        rows = bench_rows(folders)
+        rows = bench_rows(folders, args.loaders)
         checkpoint_bytes = {name: weights_bytes(path) for name, path in folders.items()}
     print(table(rows))
     result = {
         "config": {**WAN_1_3B, "num_layers": args.num_layers},
-        "max_shard_size": "1GB",
+        "max_shard_size": MAX_SHARD_SIZE,
         "checkpoint_bytes": checkpoint_bytes,
         "rows": rows,
     }

@@ -22,8 +22,12 @@ request builds its own diffusers scheduler from it with the request's shift
 
 from __future__ import annotations
 
+import copy
 import json
+import mmap
+import re
 from collections import Counter
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,29 +203,189 @@ def _check_diffusers_weights(folder: Path) -> None:
         )
 
 
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """The files ``from_pretrained`` reads: the shards the index names (sorted, as diffusers orders them),
+    else the single weights file."""
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    index_path = folder / SAFE_WEIGHTS_INDEX_NAME
+    if not index_path.is_file():
+        return [folder / SAFETENSORS_WEIGHTS_NAME]
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ParamsError(f"{index_path} is not a shard index (a JSON object with a 'weight_map'): {exc}") from exc
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    absent = [file.name for file in files if not file.is_file()]
+    if absent:
+        raise ParamsError(f"{folder}: {index_path.name} names shards that are not there: {absent[:3]}")
+    return files
+
+
+def _safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts.
+
+    The format: an 8-byte little-endian header length, that many bytes of JSON, then the tensors'
+    bytes, each at ``data_offsets`` (start, end) counted from the end of the header.
+    """
+    with file.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
 def _stored_dtype(folder: Path) -> torch.dtype | None:
     """The dtype holding most of the checkpoint's bytes, from the safetensors headers alone (None if exotic)."""
     sizes: Counter[str] = Counter()
-    for file in folder.glob("*.safetensors"):
-        with file.open("rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                start, end = entry["data_offsets"]
-                sizes[entry["dtype"]] += end - start
+    for file in _checkpoint_files(folder):
+        for entry in _safetensors_header(file)[0].values():
+            start, end = entry["data_offsets"]
+            sizes[entry["dtype"]] += end - start
     return _SAFETENSORS_DTYPES.get(sizes.most_common(1)[0][0]) if sizes else None
 
 
-def _reads_whole_shards(folder: Path, dtype: torch.dtype, device: str | torch.device | None) -> bool:
-    """Whether to read each shard into memory rather than map it (diffusers' ``disable_mmap``).
+def _streams_weights(folder: Path, dtype: torch.dtype, device: str | torch.device | None) -> bool:
+    """Whether to read the weights one tensor at a time (:func:`_load_streamed`) rather than through
+    ``from_pretrained``'s mapped shards.
 
-    safetensors maps a shard and hands out views of the mapping, so a weight loaded unchanged (an
-    fp32-kept module of an fp32 checkpoint) keeps the whole shard, and every page cast from it,
-    resident: an fp32 checkpoint loaded into bf16 on the CPU would peak at weights plus the entire
-    checkpoint. Read shards are freed once cast. A checkpoint already in ``dtype`` is mapped and used
-    in place, without a copy; off the CPU every weight is copied to the device, freeing the mapping.
+    A checkpoint already in ``dtype`` is mapped and its weights are views of the mapping, used in place
+    without a copy: nothing beats that. One that must be cast on the CPU is streamed: a mapped shard
+    stays resident behind the weights cast from it, and behind its fp32-kept weights for good, so
+    ``from_pretrained`` would peak at the weights plus a whole shard (the whole checkpoint when it is
+    one file). Off the CPU ``from_pretrained`` copies every weight to the device and drops each shard's
+    mapping once the shard is placed, so the host holds at most one shard's clean, file-backed pages.
     """
     return _device_map(device) is None and _stored_dtype(folder) != dtype
+
+
+# safetensors' dtype names; the 8-bit floats and wide unsigned ints only where this torch has them.
+_STREAMED_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+    **{name: getattr(torch, attr) for name, attr in (
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+        ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+    ) if hasattr(torch, attr)},
+}
+
+
+class _StreamedCheckpoint(MutableMapping):
+    """A checkpoint's tensors by name, each read from its file only when looked up.
+
+    Iterating ``items()`` (what diffusers' ``load_model_dict_into_meta`` does) reads one tensor at a
+    time, in file order, and keeps none: the caller's cast copy is all that stays. Each tensor is read
+    into an anonymous mapping of its own, returned to the system as soon as the tensor is freed; read
+    into heap memory, the freed fp32 buffers left holes between the bf16 weights that the process
+    kept (0.45 GB over the 2.85 GB Wan2.1-1.3B weights). Tensors assigned in
+    (``_fix_state_dict_keys_on_load`` renaming old attention keys) are held as given.
+
+    Why not safetensors' own readers: ``load_file`` and ``safe_open`` map the whole file, and
+    ``get_tensor`` returns views of that mapping. Every page read stays resident while the file is
+    open, so casting a file tensor by tensor under one ``safe_open`` still peaks at the weights plus the
+    whole file, and a weight loaded without a cast (an fp32-kept module of an fp32 checkpoint) keeps
+    the mapping alive after it is closed. A plain read at the header's offsets costs one tensor. The
+    header is still checked by safetensors (``safe_open`` validates the offsets against the file and
+    reads no tensor) before any offset is trusted.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self._where: dict[str, tuple[Path, int, int, torch.dtype, list[int]] | torch.Tensor] = {}
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass  # raises on a malformed header or offsets outside the file
+            except Exception as exc:  # safetensors' own error type, or OSError
+                raise ParamsError(f"{file} is not a readable safetensors file: {exc}") from exc
+            header, data_start = _safetensors_header(file)
+            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                dtype = _STREAMED_DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise ParamsError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which is not loaded")
+                start, end = entry["data_offsets"]
+                self._where[name] = (file, data_start + start, end - start, dtype, entry["shape"])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        where = self._where[name]
+        if isinstance(where, torch.Tensor):
+            return where
+        file, offset, size, dtype, shape = where
+        if not size:
+            return torch.empty(shape, dtype=dtype)
+        buffer = mmap.mmap(-1, size)  # unmapped when the last tensor using it is freed
+        with file.open("rb", buffering=0) as handle, memoryview(buffer) as view:
+            handle.seek(offset)
+            done = 0
+            while done < size:  # one read() returns at most ~2 GiB
+                count = handle.readinto(view[done:])
+                if not count:
+                    raise ParamsError(f"{file} ends inside tensor {name!r}: the file is truncated")
+                done += count
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        self._where[name] = tensor
+
+    def __delitem__(self, name: str) -> None:
+        del self._where[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where  # without reading the tensor, as Mapping's default would
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._where))
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _load_streamed(cls: type, folder: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, list[str]]]:
+    """``cls.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=True)`` on the CPU, reading one
+    tensor at a time: the peak is the loaded weights plus one checkpoint tensor and its cast copy.
+
+    The steps are ``from_pretrained``'s own: the config read by ``load_config``, the model built by
+    ``from_config`` on the meta device under ``dtype`` as the default dtype (``init_empty_weights``,
+    ``no_init_weights``), the old attention keys of a single-file checkpoint renamed by
+    ``_fix_state_dict_keys_on_load``, and every weight cast and placed by diffusers'
+    ``load_model_dict_into_meta`` (``_keep_in_fp32_modules`` in fp32, the shapes checked, accelerate's
+    ``set_module_tensor_to_device``). Only the source of the tensors differs
+    (:class:`_StreamedCheckpoint`). Returns the model and its missing and unexpected keys.
+    """
+    from accelerate import init_empty_weights
+    from diffusers.models.model_loading_utils import load_model_dict_into_meta
+    from diffusers.models.modeling_utils import no_init_weights
+
+    files = _checkpoint_files(folder)
+    checkpoint = _StreamedCheckpoint(files)
+    config = copy.deepcopy(cls.load_config(str(folder), local_files_only=True))
+    default_dtype = cls._set_default_torch_dtype(dtype)
+    try:
+        with no_init_weights(), init_empty_weights():
+            model = cls.from_config(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if len(files) == 1:
+        model._fix_state_dict_keys_on_load(checkpoint)
+
+    expected = set(model.state_dict())
+    unexpected = [name for name in checkpoint if name not in expected]
+    missing = sorted(expected.difference(checkpoint))
+    for name in unexpected:
+        del checkpoint[name]  # never read
+    for pattern in cls._keys_to_ignore_on_load_unexpected or []:
+        unexpected = [name for name in unexpected if re.search(pattern, name) is None]
+
+    keep_in_fp32 = cls._keep_in_fp32_modules
+    if keep_in_fp32 is not None and not isinstance(keep_in_fp32, list):
+        keep_in_fp32 = [keep_in_fp32]
+    load_model_dict_into_meta(
+        model, checkpoint, dtype=dtype, model_name_or_path=str(folder), keep_in_fp32_modules=keep_in_fp32 or []
+    )
+    model.register_to_config(_name_or_path=str(folder))
+    return model, {"missing_keys": missing, "unexpected_keys": unexpected}
 
 
 def _unloaded(model: torch.nn.Module) -> list[str]:
@@ -236,23 +400,28 @@ def load_diffusers_model(
 ) -> torch.nn.Module:
     """Load ``cls`` from ``folder`` (one safetensors file or shards) in ``dtype``, onto ``device``.
 
-    diffusers builds the model on the meta device and reads one shard at a time, casting each weight
-    to ``dtype`` as it is placed: the peak is the loaded weights plus at most about one shard, where
-    building a random fp32 model first and loading the whole state dict beside it took three to four
-    times the bf16 weights. Modules the class keeps in fp32 (Wan's rope, time embedder, norms) stay
-    fp32, because they lose precision in half types.
+    The model is built on the meta device and each weight is cast to ``dtype`` as it is placed, so no
+    random-init fp32 model ever exists beside the weights. On the CPU the peak is about the loaded
+    weights plus one tensor, for any shard layout: a checkpoint already in ``dtype`` goes through
+    diffusers' ``from_pretrained``, which maps each shard and uses its tensors in place, and one that
+    is cast is read one tensor at a time (:func:`_load_streamed`). Onto an accelerator
+    ``from_pretrained`` copies each weight to the device; the host holds one mapped shard at a time.
+    The model is the one ``from_pretrained`` gives: modules the class keeps in fp32 (Wan's rope, time
+    embedder, norms) stay fp32, because they lose precision in half types.
     """
     _check_diffusers_weights(folder)
-    model, info = cls.from_pretrained(
-        str(folder),
-        torch_dtype=dtype,
-        low_cpu_mem_usage=True,
-        device_map=_device_map(device),
-        local_files_only=True,
-        use_safetensors=True,
-        disable_mmap=_reads_whole_shards(folder, dtype, device),
-        output_loading_info=True,
-    )
+    if _streams_weights(folder, dtype, device):
+        model, info = _load_streamed(cls, folder, dtype)
+    else:
+        model, info = cls.from_pretrained(
+            str(folder),
+            torch_dtype=dtype,
+            low_cpu_mem_usage=True,
+            device_map=_device_map(device),
+            local_files_only=True,
+            use_safetensors=True,
+            output_loading_info=True,
+        )
     missing, unexpected = sorted({*info["missing_keys"], *_unloaded(model)}), info["unexpected_keys"]
     if missing or unexpected:
         raise ParamsError(

@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from conftest import tiny_hunyuan, tiny_qwen, tiny_wan
+from diffusers import (
+    AutoencoderKLWan,
+    HunyuanVideoTransformer3DModel,
+    QwenImageTransformer2DModel,
+    WanTransformer3DModel,
+)
 from safetensors.torch import load_file, save_file
 
 from ditcache.errors import ParamsError
 from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE
+from ditcache.runtime import loading
 from ditcache.runtime.loading import load_diffusers_model, load_model_dir
 from ditcache.runtime.reference import DigitPromptEncoder
 
@@ -101,7 +108,8 @@ def test_fp32_kept_modules_only_where_the_class_declares_them(tmp_path, make_tin
     assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
 
 
-def test_weights_that_do_not_fit_are_named(sharded_wan, tmp_path, make_tiny_wan):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["mapped", "streamed"])
+def test_weights_that_do_not_fit_are_named(sharded_wan, tmp_path, make_tiny_wan, dtype):
     folder, _ = sharded_wan
     shard = _shard_files(folder)[-1]
     state = load_file(str(shard))
@@ -110,20 +118,20 @@ def test_weights_that_do_not_fit_are_named(sharded_wan, tmp_path, make_tiny_wan)
     save_file(state, str(shard), metadata={"format": "pt"})
     message = rf"do not match config.json: 1 missing \(e.g. \['{dropped}'\]\), 0 unexpected"
     with pytest.raises(ParamsError, match=message):
-        load_diffusers_model(WanTransformer3DModel, folder, torch.float32)
+        load_diffusers_model(WanTransformer3DModel, folder, dtype)
 
     single = tmp_path / "single"
     make_tiny_wan().save_pretrained(single)
     weights = single / "diffusion_pytorch_model.safetensors"
     save_file({**load_file(str(weights)), "extra.weight": torch.zeros(2)}, str(weights), metadata={"format": "pt"})
     with pytest.raises(ParamsError, match=r"0 missing \(e.g. \[\]\), 1 unexpected \(e.g. \['extra.weight'\]\)"):
-        load_diffusers_model(WanTransformer3DModel, single, torch.float32)
+        load_diffusers_model(WanTransformer3DModel, single, dtype)
     weights.rename(single / "model.safetensors")
     with pytest.raises(ParamsError, match="neither diffusion_pytorch_model.safetensors nor .*index.json"):
-        load_diffusers_model(WanTransformer3DModel, single, torch.float32)
+        load_diffusers_model(WanTransformer3DModel, single, dtype)
     (single / "model.safetensors").unlink()
     with pytest.raises(ParamsError, match=r"has no \*.safetensors weights"):
-        load_diffusers_model(WanTransformer3DModel, single, torch.float32)
+        load_diffusers_model(WanTransformer3DModel, single, dtype)
 
 
 @pytest.mark.parametrize("root", [REFERENCE_DIGITS, REFERENCE_DIGITS_MOE], ids=["base", "moe"])
@@ -144,3 +152,73 @@ def test_bundled_reference_model_loads_as_before(root, dtype):
 
 def _tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(), *model.named_buffers()]
+
+
+_FAMILIES = {
+    "wan": (WanTransformer3DModel, lambda: tiny_wan(seed=5)),
+    "hunyuan": (HunyuanVideoTransformer3DModel, tiny_hunyuan),
+    "qwen": (QwenImageTransformer2DModel, tiny_qwen),
+}
+
+
+def _save_fp32(model: torch.nn.Module, folder: Path, layout: str) -> Path:
+    model.to(torch.float32).save_pretrained(folder, max_shard_size="20KB" if layout == "sharded" else "10GB")
+    files = len(list(folder.glob("*.safetensors")))
+    assert files >= 2 if layout == "sharded" else files == 1
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_cast_checkpoint_loads_what_from_pretrained_gives(tmp_path, family, layout, monkeypatch):
+    """An fp32 checkpoint loaded into bf16 is streamed tensor by tensor, never through from_pretrained,
+    and gives from_pretrained's model: same names, dtypes (fp32-kept modules too), values, config, eval mode."""
+    cls, make = _FAMILIES[family]
+    folder = _save_fp32(make(), tmp_path / "transformer", layout)
+    with monkeypatch.context() as patch:
+        patch.setattr(cls, "from_pretrained", classmethod(lambda *_, **__: pytest.fail("from_pretrained used")))
+        model = load_diffusers_model(cls, folder, torch.bfloat16)
+    assert not _mapped(folder)
+    want = cls.from_pretrained(str(folder), torch_dtype=torch.bfloat16, local_files_only=True)
+    got, expected = _tensors(model), _tensors(want)
+    assert [name for name, _ in got] == [name for name, _ in expected]
+    for (name, new), (_, old) in zip(got, expected, strict=True):
+        assert new.dtype == old.dtype and new.device == old.device and torch.equal(new, old), name
+        assert new.is_contiguous() == old.is_contiguous(), name
+    assert {p.dtype for p in model.parameters()} >= {torch.bfloat16}
+    assert dict(model.config) == dict(want.config)
+    assert not model.training and type(model) is type(want)
+
+
+def test_bf16_checkpoint_into_fp32_is_streamed_too(tmp_path):
+    tiny_wan(seed=1).to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="20KB")
+    model = load_diffusers_model(WanTransformer3DModel, tmp_path / "bf16", torch.float32)
+    want = WanTransformer3DModel.from_pretrained(str(tmp_path / "bf16"), torch_dtype=torch.float32)
+    for (name, new), (_, old) in zip(_tensors(model), _tensors(want), strict=True):
+        assert new.dtype == old.dtype == torch.float32 and torch.equal(new, old), name
+
+
+def test_streaming_reads_each_loaded_tensor_once_and_no_other(tmp_path, monkeypatch):
+    single = tmp_path / "single"
+    tiny_wan().save_pretrained(single)
+    weights = single / "diffusion_pytorch_model.safetensors"
+    save_file({**load_file(str(weights)), "extra.weight": torch.zeros(2)}, str(weights), metadata={"format": "pt"})
+    reads: list[str] = []
+    read = loading._StreamedCheckpoint.__getitem__
+
+    def recording_read(self, name):
+        reads.append(name)
+        return read(self, name)
+
+    monkeypatch.setattr(loading._StreamedCheckpoint, "__getitem__", recording_read)
+    with pytest.raises(ParamsError, match=r"0 missing \(e.g. \[\]\), 1 unexpected \(e.g. \['extra.weight'\]\)"):
+        load_diffusers_model(WanTransformer3DModel, single, torch.bfloat16)
+    assert sorted(reads) == sorted(tiny_wan().state_dict())
+
+
+def test_a_truncated_cast_checkpoint_is_named(tmp_path):
+    tiny_wan().save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ParamsError, match="not a readable safetensors file"):
+        load_diffusers_model(WanTransformer3DModel, tmp_path, torch.bfloat16)
