@@ -93,15 +93,17 @@ def legacy_load(cls: type, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
 def diffusers_load(cls: type, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     """diffusers' own loader as this repository called it before streaming: shards read whole (not
     mapped) when they are cast, since a mapped shard stays resident behind its fp32-kept weights."""
-    from ditcache.runtime.loading import _stored_dtype
+    from safetensors import safe_open
 
+    with safe_open(str(sorted(folder.glob("*.safetensors"))[0]), framework="pt") as checkpoint:
+        stored = checkpoint.get_slice(next(iter(checkpoint.keys()))).get_dtype()  # "F32" or "BF16"
     return cls.from_pretrained(
         str(folder),
         torch_dtype=dtype,
         low_cpu_mem_usage=True,
         local_files_only=True,
         use_safetensors=True,
-        disable_mmap=_stored_dtype(folder) != dtype,
+        disable_mmap={"F32": torch.float32, "BF16": torch.bfloat16}.get(stored) != dtype,
     ).eval()
 
 
