@@ -17,8 +17,8 @@ the max abs difference of the final latents from the matching eager run. Writes
 ``bench/results/gpu_wan.json`` (atomically). Sized for one run of well under 8 minutes on an
 H100/H200.
 
-    python bench/gpu_wan.py                 # needs a CUDA GPU
-    python bench/gpu_wan.py --smoke         # CPU, tiny config, same code path -> gpu_wan_smoke.json
+    python -m bench.gpu_wan                 # needs a CUDA GPU
+    python -m bench.gpu_wan --smoke         # CPU, tiny config, same code path -> gpu_wan_smoke.json
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from diffusers import WanTransformer3DModel
 
+from bench.wan_config import WAN21_T2V_1_3B
 from ditcache.cache import AdaTaylorConfig
 from ditcache.families.wan.pipeline import WanPipeline
 from ditcache.runtime.compile import compile_pipeline, uncompile_pipeline
@@ -44,24 +45,6 @@ from ditcache.runtime.loading import ModelSettings
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL_TYPE = "Wan2.1-T2V-1.3B"
 
-# transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers
-WAN21_T2V_1_3B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    image_dim=None,
-    added_kv_proj_dim=None,
-    rope_max_seq_len=1024,
-)
 SMOKE_CONFIG = dict(
     WAN21_T2V_1_3B,
     num_attention_heads=2,

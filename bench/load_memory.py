@@ -13,8 +13,8 @@ Every loaded tensor is read once before the peak is taken, and ``seconds`` inclu
 weights loaded from a bf16 checkpoint may still be mapped from the file, unread and so not yet
 resident, and the first denoising step would page them in.
 
-    python bench/load_memory.py [--workdir DIR] [--num-layers 30] [--loaders old diffusers new]
-                                [--out bench/results/load_memory.json]
+    python -m bench.load_memory [--workdir DIR] [--num-layers 30] [--loaders old diffusers new]
+                               [--out bench/results/load_memory.json]
 
 ``ratio`` is peak RSS over the bytes of the loaded parameters and buffers; the new loader targets
 at most 1.3. The checkpoints are reused when ``--workdir`` already holds them.
@@ -34,26 +34,12 @@ from pathlib import Path
 
 import torch
 
+from bench.wan_config import WAN21_T2V_1_3B
 from ditcache.errors import ParamsError
 from ditcache.runtime.loading import load_diffusers_model
 
 REPO = Path(__file__).resolve().parent.parent
 
-WAN_1_3B = dict(
-    patch_size=[1, 2, 2],
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
 CHECKPOINT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp32-1file": torch.float32}
 MAX_SHARD_SIZE = {"bf16": "1GB", "fp32": "1GB", "fp32-1file": None}  # None: one file
 TARGET = "bf16"
@@ -131,7 +117,7 @@ def write_checkpoints(workdir: Path, num_layers: int) -> dict[str, Path]:
         merge_shards(folders["fp32"], folders["fp32-1file"])
         return folders
     with init_empty_weights():
-        model = WanTransformer3DModel(**{**WAN_1_3B, "num_layers": num_layers})
+        model = WanTransformer3DModel(**{**WAN21_T2V_1_3B, "num_layers": num_layers})
     model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -215,8 +201,8 @@ def measure(method: str, folder: Path) -> dict[str, float | int]:
 
 def run_fresh(method: str, folder: Path) -> dict[str, float | int]:
     """Run :func:`measure` in a new interpreter and parse the JSON line it prints last."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--measure", method, str(folder)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    command = [sys.executable, "-m", "bench.load_memory", "--measure", method, str(folder)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"{method} load of {folder} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -258,7 +244,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, help="where the checkpoints are written (default: a temp dir)")
-    parser.add_argument("--num-layers", type=int, default=WAN_1_3B["num_layers"], help="fewer for a quick run")
+    parser.add_argument("--num-layers", type=int, default=WAN21_T2V_1_3B["num_layers"], help="fewer for a quick run")
     parser.add_argument("--loaders", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "load_memory.json")
     parser.add_argument("--measure", nargs=2, metavar=("LOADER", "FOLDER"), help=argparse.SUPPRESS)
@@ -273,7 +259,7 @@ def main() -> None:
         checkpoint_bytes = {name: weights_bytes(path) for name, path in folders.items()}
     print(table(rows))
     result = {
-        "config": {**WAN_1_3B, "num_layers": args.num_layers},
+        "config": {**WAN21_T2V_1_3B, "num_layers": args.num_layers},
         "max_shard_size": MAX_SHARD_SIZE,
         "checkpoint_bytes": checkpoint_bytes,
         "rows": rows,
