@@ -1,4 +1,5 @@
-"""diffusers' own cache hooks as benchmark peers: FirstBlockCache, MagCache and TaylorSeer.
+"""diffusers' own cache hooks as benchmark peers: FirstBlockCache, MagCache, TaylorSeer, SeaCache,
+Pyramid Attention Broadcast (and FasterCache, which does not apply to separate-branch CFG; see below).
 
 The rules the benchmark re-implements (TeaCache, FirstBlockCache, TaylorSeer's interval) are caches
 in the library (``ditcache.cache``); this module only sets up diffusers' hooks.
@@ -12,6 +13,30 @@ diffusers pipeline adds around its calls is supplied here: each adapter call (on
 step) runs inside ``transformer.cache_context("cond"|"uncond", step_index=..., sigma=...)``, which
 keys the hooks' state per branch, and :class:`HookedPipeline` resets the hooks (through diffusers'
 ``HookRegistry``) before every request, because diffusers keeps their state across calls.
+
+Two hooks also read what diffusers' transformer forward sees, which the adapter (it calls the
+blocks, not ``transformer.forward``) supplies the same way:
+
+- SeaCache's root hook sits on ``transformer.forward`` and builds its indicator from the 5-D latents
+  it is given (diffusers' built-in Wan T2V adapter) and the context's ``step_index``, ``sigma`` and
+  ``num_inference_steps``: :func:`enter_branch_context` calls that hook's ``pre_forward`` /
+  ``post_forward`` around each adapter call with the adapter's latents, and passes all three
+  fields to ``cache_context``. Its leader/identity/tail hooks are on the blocks and fire as usual.
+- Pyramid Attention Broadcast and FasterCache take a ``current_timestep_callback``:
+  :func:`current_timestep` returns the timestep of the adapter call in progress.
+
+Which of diffusers 0.42.1's cache configs apply to Wan under CFG with one transformer call per
+branch (diffusers' ``WanPipeline`` and ditcache's pipelines both call cond and uncond separately):
+
+- FirstBlockCache, MagCache, TaylorSeer, SeaCache: keyed by ``cache_context``, per branch.
+- PyramidAttentionBroadcast: applies (hooks ``blocks.N.attn1`` and, when set, the cross-attention
+  ``attn2``); its state is per attention module, not per ``cache_context``, so cond and uncond calls
+  share one counter and one cached output, exactly as under diffusers' ``WanPipeline``.
+- FasterCache: does not apply. Its attention hooks skip only when its denoiser hook (on
+  ``transformer.forward``) has cut a batch-concatenated [uncond, cond] batch in half, which never
+  happens with one call per branch (and under diffusers' ``WanPipeline`` that hook would split each
+  branch's batch in two). With the adapter it runs every block at batch >= 2 and raises at batch 1
+  (its attention hook halves the batch it caches): :data:`NOT_APPLICABLE`.
 """
 
 from __future__ import annotations
@@ -30,11 +55,30 @@ import ditcache
 # forecast, so a predicted step runs no block at all (the default patterns hook only the attention
 # modules, leaving the feed-forward networks running on every step).
 TAYLORSEER_BLOCK_IDENTIFIERS = [r"^blocks\.\d+$"]
+KINDS = ("fbc", "magcache", "taylorseer", "seacache", "pab", "fastercache")
+NOT_APPLICABLE = {
+    "fastercache": "FasterCache skips attention only on a batch-concatenated [uncond, cond] call that its denoiser "
+    "hook halves; with one transformer call per CFG branch (diffusers' WanPipeline and ditcache) it skips nothing "
+    "(batch >= 2) or fails (batch 1: its attention hook takes the batch for [uncond, cond] and halves it)",
+}
+_CURRENT = {"timestep": 1000.0}  # the timestep of the adapter call in progress (PAB / FasterCache callbacks)
+
+
+def current_timestep() -> float:
+    """The timestep (0..1000) of the hooked adapter call in progress."""
+    return _CURRENT["timestep"]
 
 
 def make_diffusers_config(kind: str, **kw: Any) -> Any:
-    """A diffusers cache config: kind in {"fbc", "magcache", "taylorseer"}."""
-    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+    """A diffusers cache config: kind in :data:`KINDS`."""
+    from diffusers.hooks import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        SeaCacheConfig,
+        TaylorSeerCacheConfig,
+    )
 
     if kind == "fbc":
         return FirstBlockCacheConfig(threshold=kw["threshold"])
@@ -54,7 +98,39 @@ def make_diffusers_config(kind: str, **kw: Any) -> Any:
             taylor_factors_dtype=kw.get("taylor_factors_dtype", torch.float32),
             cache_identifiers=list(kw.get("cache_identifiers", TAYLORSEER_BLOCK_IDENTIFIERS)),
         )
-    raise ValueError(f"unknown diffusers cache kind {kind!r}; known: fbc, magcache, taylorseer")
+    if kind == "seacache":
+        return SeaCacheConfig(
+            threshold=kw["threshold"],
+            residual_order=kw.get("residual_order", 1),
+            retention_steps=kw.get("retention_steps", 1),
+            cache_end_steps=kw.get("cache_end_steps", 1),
+            max_consecutive_cached=kw.get("max_consecutive_cached", 2),
+        )
+    if kind == "pab":
+        full = (-1, 1001)
+        return PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=kw.get("spatial_attention_block_skip_range"),
+            cross_attention_block_skip_range=kw.get("cross_attention_block_skip_range"),
+            spatial_attention_timestep_skip_range=tuple(kw.get("spatial_attention_timestep_skip_range", full)),
+            cross_attention_timestep_skip_range=tuple(kw.get("cross_attention_timestep_skip_range", full)),
+            current_timestep_callback=current_timestep,
+        )
+    if kind == "fastercache":
+        return FasterCacheConfig(
+            spatial_attention_block_skip_range=kw.get("spatial_attention_block_skip_range", 2),
+            spatial_attention_timestep_skip_range=tuple(kw.get("spatial_attention_timestep_skip_range", (-1, 681))),
+            current_timestep_callback=current_timestep,
+        )
+    raise ValueError(f"unknown diffusers cache kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+def diffusers_taylorseer_plan(num_steps: int, cache_interval: int, disable_cache_before_step: int) -> list[int]:
+    """The steps diffusers' TaylorSeer hook computes (its schedule: every step before
+    ``disable_cache_before_step``, then ``(step - disable - 1) % interval == 0``)."""
+    return [
+        s for s in range(num_steps)
+        if s < disable_cache_before_step or (s - disable_cache_before_step - 1) % cache_interval == 0
+    ]  # fmt: skip
 
 
 def diffusers_magcache_plan(
@@ -94,8 +170,9 @@ class HookedPipeline:
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
+        self.num_inference_steps: int | None = None
         for adapter in pipeline.adapters.values():
-            enter_branch_context(adapter)
+            enter_branch_context(adapter, self)
 
     @property
     def adapters(self) -> dict[str, torch.nn.Module]:
@@ -106,6 +183,7 @@ class HookedPipeline:
 
         for adapter in self.pipeline.adapters.values():
             HookRegistry.check_if_exists_or_initialize(adapter.transformer).reset_stateful_hooks(recurse=True)
+        self.num_inference_steps = kwargs.get("num_inference_steps")
         return self.pipeline(*args, **kwargs)
 
 
@@ -118,11 +196,20 @@ def hooked_pipeline(pipeline: Any, configs: dict[str, Any]) -> HookedPipeline:
     return HookedPipeline(hooked)
 
 
-def enter_branch_context(adapter: torch.nn.Module) -> None:
+def sea_root_hook(transformer: torch.nn.Module) -> Any:
+    """SeaCache's root hook on ``transformer`` (None when SeaCache is not enabled on it)."""
+    from diffusers.hooks import HookRegistry
+
+    return HookRegistry.check_if_exists_or_initialize(transformer).get_hook("sea_cache_root")
+
+
+def enter_branch_context(adapter: torch.nn.Module, owner: HookedPipeline | None = None) -> None:
     """Run every call of ``adapter`` inside ``cache_context`` of its branch, as diffusers' pipelines do.
 
     The adapter's call names the branch, step and sigma (keywords ``is_cond``, ``step``, ``sigma``);
-    a forward pre-hook enters the context and a forward hook that also runs on errors leaves it.
+    a forward pre-hook enters the context (with the request's step count from ``owner``), records the
+    call's timestep for :func:`current_timestep`, runs SeaCache's root ``pre_forward`` on the call's
+    latents when SeaCache is enabled, and a forward hook that also runs on errors undoes it all.
     """
     transformer = adapter.transformer
     contexts: list[contextlib.ExitStack] = []
@@ -130,7 +217,20 @@ def enter_branch_context(adapter: torch.nn.Module) -> None:
     def enter(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         stack = contextlib.ExitStack()
         name = "cond" if kwargs.get("is_cond", True) else "uncond"
-        stack.enter_context(transformer.cache_context(name, step_index=kwargs.get("step"), sigma=kwargs.get("sigma")))
+        latents = args[0] if args else kwargs.get("hidden_states")
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if torch.is_tensor(timestep):
+            _CURRENT["timestep"] = float(timestep.flatten()[0])
+        steps = owner.num_inference_steps if owner is not None else None
+        stack.enter_context(
+            transformer.cache_context(
+                name, step_index=kwargs.get("step"), sigma=kwargs.get("sigma"), num_inference_steps=steps
+            )
+        )
+        root = sea_root_hook(transformer)
+        if root is not None:
+            root.pre_forward(transformer, hidden_states=latents)
+            stack.callback(root.post_forward, transformer, None)
         contexts.append(stack)
 
     def leave(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:

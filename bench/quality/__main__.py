@@ -13,16 +13,17 @@ import torch
 from ditcache.models import MODELS_DIR
 
 import bench.quality
-from bench.quality.calibration import calibrate
-from bench.quality.evaluate import efficiency_check, run_model
+from bench.peers import NOT_APPLICABLE
+from bench.quality.evaluate import run_workload
+from bench.quality.frontier import BANDS, frontier_table
 from bench.quality.metrics import train_classifier
-from bench.quality.report import REPO, compact, environment, markdown_tables, matched_table, plot, update_doc
-from bench.quality.runners import FULL_GRID, QUICK_GRID, SMOKE_GRID, Grid
-from bench.quality.workload import CALIB_SEED, EVAL_SEED, make_batch, make_workload
+from bench.quality.report import REPO, environment, frontier_markdown, plot, update_doc
+from bench.quality.runners import FULL_GRID, OURS, PEERS, QUICK_GRID, SMOKE_GRID, Grid
+from bench.quality.workload import CALIB_SEED, EVAL_SEED, make_batch, make_samples, make_workload
 
 RESULTS = REPO / "bench" / "results"
 DOC = REPO / "docs" / "benchmarks.md"
-MOE_EVAL_BANDS = [1.9, 2.85, 3.3, 5.0]  # the two-expert variant: around the matched ~2x / ~3x points only
+SCREEN_SEED = CALIB_SEED + 500_000  # screening samples: calibration-side seeds, none shared with evaluation
 
 
 @dataclass(frozen=True)
@@ -30,22 +31,23 @@ class Mode:
     """Sizes of one mode; each may be overridden on the command line."""
 
     grid: Grid
-    samples: int
-    calib_samples: int
+    samples: int  # evaluation samples (one request each)
+    calib_samples: int  # calibration batch (curve, TeaCache polynomial)
+    tune_samples: int  # of those, the ones whose residuals the tuner replays
     screen_samples: int
-    timing_samples: int
-    reps: int
-    steps: int
-    bands: list[float]  # ideal-speedup bands: each method's best screened setting per band is evaluated
+    timing_batch: int  # the benchmark batch of the efficiency timing
+    reps_batch: int
+    reps_one: int
+    steps: list[int]
+    timing_steps: int  # the step count the efficiency timing runs at
     models: list[str]
+    classifier_epochs: int
 
 
 MODES = {
-    "full": Mode(
-        FULL_GRID, 100, 20, 5, 10, 5, 50, [1.5, 1.9, 2.4, 2.85, 3.3, 5.0], ["reference-digits", "reference-digits-moe"]
-    ),
-    "quick": Mode(QUICK_GRID, 20, 10, 10, 5, 3, 50, [1.9, 2.85, 5.0], ["reference-digits"]),
-    "smoke": Mode(SMOKE_GRID, 4, 4, 4, 4, 1, 10, [1.0, 100.0], ["reference-digits"]),
+    "full": Mode(FULL_GRID, 12, 8, 4, 3, 12, 2, 5, [20, 30, 50], 50, ["reference-digits", "reference-digits-moe"], 2),
+    "quick": Mode(QUICK_GRID, 6, 4, 2, 2, 6, 1, 3, [20], 20, ["reference-digits"], 1),
+    "smoke": Mode(SMOKE_GRID, 2, 2, 2, 2, 2, 1, 1, [8], 8, ["reference-digits"], 1),
 }
 
 
@@ -53,27 +55,38 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=bench.quality.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="reduced grid, 20 samples, one model")
-    parser.add_argument("--smoke", action="store_true", help="tiny end-to-end check (4 samples, 10 steps, 1 rep)")
-    parser.add_argument("--samples", type=int, help="evaluation samples per model (sample i is class i %% 10)")
-    parser.add_argument("--calib-samples", type=int, help="calibration samples (another seed)")
-    parser.add_argument("--screen-samples", type=int, help="screening samples (the first calibration ones)")
-    parser.add_argument("--timing-samples", type=int, help="samples of the timing batch (the first evaluation ones)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default 50; 10 with --smoke)")
+    parser.add_argument("--quick", action="store_true", help="reduced grid, 6 samples, one model, 20 steps (about 1 min)")
+    parser.add_argument("--smoke", action="store_true", help="tiny end-to-end check (2 samples, 8 steps)")
+    parser.add_argument("--samples", type=int, help="evaluation samples per workload (one request each)")
+    parser.add_argument("--screen-samples", type=int, help="screening samples (calibration-side seeds)")
+    parser.add_argument("--steps", type=int, nargs="+", help="step counts (default 20 30 50)")
     parser.add_argument("--shift", type=float, default=5.0)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--reps", type=int, help="timing repeats, interleaved (minimum is quoted)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine two OpenMP threads stall each other)")
     parser.add_argument("--models", nargs="+", help="folders under ditcache/models, or paths")
+    parser.add_argument("--no-timing", action="store_true", help="skip the efficiency timing")
     parser.add_argument("--out-json", type=Path, default=RESULTS / "quality.json")
     parser.add_argument("--out-png", type=Path, default=RESULTS / "quality_pareto.png")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--update-doc", action="store_true", help=f"rewrite the table block in {DOC.relative_to(REPO)}")
-    parser.add_argument("--efficiency-check", action="store_true",
-                        help="only: time uncached vs ditcache order 1 at the matched settings of --out-json on the "
-                        "whole evaluation batch and add the result to that JSON")  # fmt: skip
+    parser.add_argument("--from-json", type=Path,
+                        help="run nothing: re-render the table, plot (and with --update-doc the doc block) from this JSON")
     return parser.parse_args(argv)
+
+
+def render(result: dict, args: argparse.Namespace, log) -> None:
+    """Table (printed), plot and doc block of a finished run's JSON."""
+    if result["runs"] and not args.no_plot:
+        plot(result["runs"], args.out_png, [OURS, *PEERS])
+        log(f"wrote {args.out_png}")
+    table = frontier_markdown(result["frontier"], result["screened_settings"], OURS)
+    eff = efficiency_markdown(result["efficiency"])
+    if args.update_doc:
+        update_doc(DOC, table + "\n\n" + eff)
+        log(f"updated {DOC}")
+    print(table)
+    print(eff)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,76 +94,85 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+    cpu0 = time.process_time()
 
-    if args.efficiency_check:
-        efficiency_check(args.out_json, MODELS_DIR, args.reps or 3, log)
+    def log(message: str) -> None:
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
+        print(f"[{wall:7.1f}s wall {cpu:7.1f}s cpu] {message}", flush=True)
+
+    if args.from_json:
+        render(json.loads(args.from_json.read_text()), args, log)
         return 0
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     mode = MODES[name]
     samples = args.samples or mode.samples
-    calib_n = args.calib_samples or mode.calib_samples
-    screen_n = min(calib_n, args.screen_samples or mode.screen_samples)
-    timing_n = min(samples, args.timing_samples or mode.timing_samples)
-    reps, steps = args.reps or mode.reps, args.steps or mode.steps
+    screen_n = args.screen_samples or mode.screen_samples
+    step_counts = args.steps or mode.steps
+    timing_steps = mode.timing_steps if mode.timing_steps in step_counts else max(step_counts)
     model_dirs = [MODELS_DIR / m if (MODELS_DIR / m).is_dir() else Path(m) for m in args.models or mode.models]
-    calib_batch, eval_batch = make_batch(calib_n, CALIB_SEED), make_batch(samples, EVAL_SEED)
-    classifier = train_classifier(epochs=1 if args.smoke else 4)
+    calib_batch = make_batch(mode.calib_samples, CALIB_SEED)
+    screen = make_samples(screen_n, SCREEN_SEED)
+    evals = make_samples(samples, EVAL_SEED)
+    classifier = train_classifier(epochs=mode.classifier_epochs)
     log("classifier trained")
     rows: list[dict] = []
     screening: list[dict] = []
-    calibrations: dict = {}
+    workloads: dict = {}
+    efficiency: list[dict] = []
     for model_dir in model_dirs:
         if not (model_dir / "model_index.json").is_file():
             log(f"skipping {model_dir.name}: {model_dir} has no model_index.json")
             continue
-        work = make_workload(model_dir, model_dir.name, steps, args.shift, args.guidance)
-        calib = calibrate(work, calib_batch)
-        calibrations[work.name] = {
-            "model_type": work.model_type,
-            "seeds": [CALIB_SEED],
-            "samples": calib_n,
-            "seconds": round(calib.seconds, 2),
-            "cond_mag_ratios": [round(v, 5) for v in calib.params.cond_mag_ratios],
-            "uncond_mag_ratios": [round(v, 5) for v in calib.params.uncond_mag_ratios],
-            "teacache_coefficients": calib.teacache_coefficients,
-            "teacache_points": calib.teacache_points,
-        }
-        log(f"[{work.name}] calibrated on seed {CALIB_SEED} in {calib.seconds:.1f} s")
-        bands = MOE_EVAL_BANDS if name == "full" and len(work.used_experts()) > 1 else mode.bands
-        model_rows, model_screening = run_model(
-            work, calib, calib_batch.head(screen_n), eval_batch, mode.grid, bands, classifier, reps, timing_n, log
-        )
-        rows += model_rows
-        screening += model_screening
+        for steps in step_counts:
+            work = make_workload(model_dir, model_dir.name, steps, args.shift, args.guidance)
+            timing = None
+            if steps == timing_steps and not args.no_timing:
+                timing = {"batch": make_batch(mode.timing_batch, EVAL_SEED), "one": evals.head(1),
+                          "reps_batch": mode.reps_batch, "reps_one": mode.reps_one}  # fmt: skip
+            w_rows, w_screen, meta = run_workload(work, calib_batch, screen, evals, mode.grid, classifier,
+                                                  mode.tune_samples, log, timing)  # fmt: skip
+            rows += w_rows
+            screening += w_screen
+            efficiency += meta.pop("efficiency") or []
+            workloads.setdefault(work.name, {})[str(steps)] = meta
+            log(f"[{work.name} {steps} steps] done in {meta['seconds']:.0f} s")
+    frontier = frontier_table(rows, OURS, PEERS)
+    counts = {m: {s: meta["screened_settings"] for s, meta in per.items()} for m, per in workloads.items()}
     wall = time.perf_counter() - started
     env = environment(
-        mode=name, models=[d.name for d in model_dirs], samples_per_model=samples, eval_seeds=[EVAL_SEED],
-        steps=steps, shift=args.shift, guidance_scale=args.guidance, timing_reps=reps, timing_samples=timing_n,
-        screening_samples=screen_n, eval_bands_ideal_speedup=mode.bands,
-        eval_bands_ideal_speedup_two_expert=MOE_EVAL_BANDS if name == "full" else mode.bands,
-        calibration=calibrations, wall_time_s=round(wall, 1),
+        mode=name, models=[d.name for d in model_dirs], steps=step_counts, shift=args.shift,
+        guidance_scale=args.guidance, eval_samples=samples, eval_seeds=[EVAL_SEED, EVAL_SEED + samples - 1],
+        screen_samples=screen_n, screen_seeds=[SCREEN_SEED, SCREEN_SEED + screen_n - 1],
+        calibration_seed=CALIB_SEED, calibration_samples=mode.calib_samples, tune_samples=mode.tune_samples,
+        timing_batch=mode.timing_batch, timing_steps=timing_steps, bands=list(BANDS), wall_time_s=round(wall, 1),
+        cpu_time_s=round(time.process_time() - cpu0, 1),
     )  # fmt: skip
-    result: dict = {"runs": rows, "env": env, "screening": screening}
-    if rows:
-        result["matched"] = {
-            "by_block_passes": compact(matched_table(rows, "ideal_speedup")),
-            "by_wall_clock": compact(matched_table(rows, "speedup")),
-        }
+    result = {
+        "runs": rows,
+        "frontier": frontier,
+        "screened_settings": counts,
+        "efficiency": efficiency,
+        "workloads": workloads,
+        "not_applicable": NOT_APPLICABLE,
+        "env": env,
+        "screening": screening,
+    }
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(result, indent=1) + "\n")
     log(f"wrote {args.out_json}")
-    if rows and not args.no_plot:
-        plot(rows, args.out_png)
-        log(f"wrote {args.out_png}")
-    if rows and args.update_doc:
-        update_doc(DOC, rows)
-        log(f"updated {DOC}")
-    if rows:
-        print(markdown_tables(rows))
+    render(result, args, log)
     log(f"done in {wall:.1f} s")
     return 0
+
+
+def efficiency_markdown(eff: list[dict]) -> str:
+    if not eff:
+        return ""
+    lines = ["| model | steps | batch | passes | measured speedup | efficiency |", "|---|---|---|---|---|---|"]
+    for e in eff:
+        lines.append(f"| {e['model']} | {e['steps']} | {e['batch']} | {e['ideal_speedup']:.2f}x | "
+                     f"{e['speedup']:.2f}x | {e['speedup_efficiency']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,240 +1,240 @@
-"""Screening, evaluation and timing: which settings are evaluated, and what each evaluated run measures.
+"""Calibration, tuning, screening, evaluation and timing of one workload (model x step count).
 
-Selection never sees the evaluation batch: every grid setting is screened on the calibration seed's
-noise (stage 1, then stage 2 on the best plans), and per method and band of block-pass speedup only
-the best screened setting is evaluated on the evaluation seed's batch. Timing interleaves the
-evaluated runs in a fresh shuffled order per repeat and quotes the minimum, so a slow moment of a
-shared machine hits every method alike.
+Selection never sees the evaluation samples: the curve, TeaCache's polynomial and the residuals the
+tuner replays come from calibration samples (seed ``CALIB_SEED``); every peer setting is screened on
+other calibration-seed samples; per peer, the screening front points around each band are
+evaluated on the evaluation samples (seeds ``EVAL_SEED + i``). Ours is the tuner's plan per budget,
+chosen on the calibration samples' residuals alone, and is evaluated without screening.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ditcache.cache.recorder import ResidualRecorder
+from ditcache.cache.tune import PlanReplayer, tune_budgets, tuned_params
+from ditcache.runtime.reference import prompt_for_label
+
 from bench.quality.calibration import Calibration, calibrate
-from bench.quality.metrics import quality_metrics, to_images
-from bench.quality.runners import Grid, MethodRun, build_methods, refinements, ada_config, with_settings
-from bench.quality.workload import CALIB_SEED, EVAL_SEED, Batch, Workload, make_batch, make_workload
+from bench.quality.frontier import BANDS, front
+from bench.quality.metrics import block_flop_shares, quality_metrics, to_images
+from bench.quality.runners import OURS, PEERS, Grid, MethodRun, MethodSet, add_tuned, build_peers
+from bench.quality.workload import Batch, Samples, Workload, generate
 
 Log = Callable[[str], None]
 
 
-@dataclass
-class RunRecord:
-    """What one run did: frames and block executions of its quality run, wall and CPU times of its repeats."""
-
-    run: MethodRun
-    times: list[float] = field(default_factory=list)
-    cpu_times: list[float] = field(default_factory=list)
-    full_batch_s: float | None = None
-    frames: torch.Tensor | None = None
-    calls: dict[str, int] | None = None
-    plan: dict | None = None
-
-
-def cache_plan(stats: dict[str, dict[str, dict]]) -> dict:
-    """Per expert and branch, what the cache computed and skipped (the request's ``cache_stats``)."""
-    keep = ("num_computed", "num_skipped", "computed_steps")
-    return {
-        expert: {branch: {k: v for k, v in s.items() if k in keep} for branch, s in per_branch.items()}
-        for expert, per_branch in stats.items()
-    }
-
-
-def quality_pass(work: Workload, batch: Batch, records: list[RunRecord], log: Log, what: str) -> None:
-    """Every run once on ``batch``; keeps frames, block executions, the cache's plan and the wall time."""
+def tune_plans(work: Workload, calib: Calibration, batch: Batch, grid: Grid, bands=BANDS,
+               max_tokens: int = 256) -> tuple[list[dict], dict]:  # fmt: skip
+    """Record the calibration batch's residuals, then per budget and per order the plan of least
+    predicted error over the grid's (order, taylor_threshold) pairs (the order is then chosen by
+    screening on calibration-seed samples, :func:`pick_ours`: the replay predicts one forecast's error
+    on the uncached trajectory, not how errors compound, which matters most for order 2 at long gaps).
+    Budgets: each tune target's, and floor/ceil of N / band for every band, so the tuned front brackets
+    every band."""
     started = time.perf_counter()
-    for n, rec in enumerate(records):
-        t0 = time.perf_counter()
-        out, rec.calls = rec.run(work, batch)
-        rec.full_batch_s = time.perf_counter() - t0
-        rec.frames = out.frames
-        rec.plan = cache_plan(out.cache_stats) if rec.run.cache is not None else None
-        if (n + 1) % 20 == 0:
-            log(f"  {what}: {n + 1}/{len(records)} runs, {time.perf_counter() - started:.0f} s")
-    log(f"  {what}: {len(records)} runs on {len(batch)} samples in {time.perf_counter() - started:.1f} s")
+    n = work.steps
+    recorder = ResidualRecorder(n, max_tokens=max_tokens)
+    generate(work.pipeline, work, batch, recorder)
+    trajectories = {c: recorder.trajectories(c) for c in (True, False)}
+    sigmas = work.sigmas
+    starts = [work.first_step(e) for e in work.used_experts()]
+    budgets = {max(2, round(n / t)) for t in grid.tune_targets}
+    for band in bands:
+        budgets |= {max(2, math.floor(n / band)), max(2, math.ceil(n / band))}
+    per_pair = {}
+    candidates = 0
+    for order, tt in grid.tune_orders:
+        replayer = PlanReplayer(trajectories, sigmas, work.guidance, order, tt, segment_starts=starts)
+        per_pair[(order, tt)] = tune_budgets(replayer, calib.params, sorted(budgets), sigmas=sigmas)
+        candidates += sum(r.candidates_evaluated for r in per_pair[(order, tt)].values())
+    plans = []
+    for budget in sorted(budgets, reverse=True):
+        for order in sorted({o for o, _ in grid.tune_orders}):  # per budget: the tuner's best plan of each order
+            options = [(pair, res[budget]) for pair, res in per_pair.items() if pair[0] == order and budget in res]
+            if not options:
+                continue
+            (_, tt), best = min(options, key=lambda o: o[1].chosen.predicted_error)
+            data = tuned_params(calib.params, best, n, {"budget": budget})
+            if "compute_steps" not in data:  # a threshold-rule plan: run it as the steps the tuner replayed
+                data["compute_steps"] = {"num_inference_steps": n, "cond": best.chosen.compute_steps[True],
+                                         "uncond": best.chosen.compute_steps[False]}  # fmt: skip
+            plans.append({
+                "budget": budget, "order": order, "taylor_threshold": tt, "method": best.chosen.method,
+                "settings": dict(best.chosen.settings), "predicted_error": best.chosen.predicted_error,
+                "predicted_speedup": best.predicted_speedup, "params": data,
+                "cond": best.chosen.compute_steps[True], "uncond": best.chosen.compute_steps[False],
+            })  # fmt: skip
+    meta = {"seconds": round(time.perf_counter() - started, 2), "budgets": sorted(budgets),
+            "order_pairs": [list(p) for p in grid.tune_orders], "candidates_evaluated": candidates,
+            "calibration_samples": len(batch), "max_tokens": max_tokens}  # fmt: skip
+    return plans, meta
 
 
-def timing_pass(work: Workload, batch: Batch, records: list[RunRecord], reps: int, log: Log) -> None:
-    """``reps`` repeats over every run, interleaved in a fresh shuffled order each repeat."""
-    rng = random.Random(12345)
-    for rep in range(reps):
-        order = list(range(len(records)))
-        rng.shuffle(order)
-        started = time.perf_counter()
-        for i in order:
-            rec = records[i]
-            c0, t0 = time.process_time(), time.perf_counter()
-            rec.run(work, batch)
-            rec.times.append(time.perf_counter() - t0)
-            rec.cpu_times.append(time.process_time() - c0)
-        log(f"  timing rep {rep + 1}/{reps} ({len(batch)} samples): {time.perf_counter() - started:.1f} s")
+def run_all(work: Workload, runs: list[MethodRun], samples: Samples, log: Log, what: str) -> list[dict]:
+    """Every run once on ``samples`` (one request per sample); frames and block compute per run."""
+    started = time.perf_counter()
+    done = []
+    for k, run in enumerate(runs):
+        frames, counts, outs = run(work, samples)
+        done.append({"run": run, "frames": frames, "counts": counts})
+        if (k + 1) % 25 == 0:
+            log(f"  {what}: {k + 1}/{len(runs)} runs, {time.perf_counter() - started:.0f} s")
+    log(f"  {what}: {len(runs)} runs x {len(samples)} samples in {time.perf_counter() - started:.1f} s")
+    return done
 
 
-def rows_of(work: Workload, batch: Batch, records: list[RunRecord], classifier: Any) -> list[dict]:
-    """One JSON row per run: compute, speedups (when timed), quality against ``records[0]`` (uncached)."""
-    base = records[0]
-    assert base.run.method == "uncached" and base.frames is not None and base.calls is not None
-    reference = to_images(base.frames)
-    labels = torch.tensor(batch.labels)
-    base_calls = sum(base.calls.values())
+def rows_of(work: Workload, samples: Samples, done: list[dict], classifier: Any) -> list[dict]:
+    """One row per run: compute fraction and quality against ``done[0]`` (the uncached run)."""
+    base = done[0]
+    assert base["run"].method == "uncached"
+    reference = to_images(base["frames"])
+    labels = torch.tensor(samples.labels)
+    base_total = sum(base["counts"].values())
     rows = []
-    for rec in records:
-        assert rec.frames is not None and rec.calls is not None
-        calls = sum(rec.calls.values())
-        fraction = calls / base_calls
+    for d in done:
+        run = d["run"]
+        fraction = sum(d["counts"].values()) / base_total
         row: dict[str, Any] = {
-            "model": work.name,
-            "method": rec.run.method,
-            "setting": rec.run.setting,
-            "compute_fraction": round(fraction, 5),
-            "ideal_speedup": round(1 / fraction, 4) if fraction else None,
-        }
-        if base.times and rec.times:
-            speedup = min(base.times) / min(rec.times)
-            speedup_cpu = min(base.cpu_times) / min(rec.cpu_times)
-            row |= {
-                "speedup": round(speedup, 4),
-                "speedup_efficiency": round(speedup * fraction, 4),
-                "speedup_cpu_time": round(speedup_cpu, 4),
-                "speedup_efficiency_cpu_time": round(speedup_cpu * fraction, 4),
-            }
-        row |= quality_metrics(to_images(rec.frames), reference, classifier, labels)
-        row |= {
-            "block_calls": calls,
-            "block_calls_per_branch": rec.calls,
-            "stack_passes": round(calls / work.num_layers, 3),
-        }
-        if rec.times:
-            row |= {
-                "wall_s_min": round(min(rec.times), 4),
-                "wall_s_all": [round(t, 4) for t in rec.times],
-                "cpu_s_min": round(min(rec.cpu_times), 4),
-                "wall_s_quality_run": round(rec.full_batch_s or 0.0, 3),
-            }
-        if rec.plan:
-            row["plan"] = rec.plan
+            "model": work.name, "steps": work.steps, "method": run.method, "setting": run.setting,
+            "compute_fraction": round(fraction, 5), "ideal_speedup": round(1 / fraction, 4) if fraction else None,
+        }  # fmt: skip
+        row |= quality_metrics(to_images(d["frames"]), reference, classifier, labels)
+        row["block_compute_per_branch"] = {k: round(v, 3) for k, v in d["counts"].items()}
+        row |= run.extra
         rows.append(row)
     return rows
 
 
-def band_of(ideal: float, bands: list[float]) -> int | None:
-    return next((i for i in range(len(bands) - 1) if bands[i] <= ideal < bands[i + 1]), None)
+def pick_for_evaluation(rows: list[dict], runs: list[MethodRun], bands=BANDS) -> list[MethodRun]:
+    """Per peer, the screening-front points around each band: the slowest at least as fast as the band
+    and the fastest slower than it."""
+    picked: list[MethodRun] = []
+    for method in PEERS:
+        mine = [(row, run) for row, run in zip(rows, runs) if run.method == method]
+        fr = front([row for row, _ in mine])
+        ids = {id(row) for row in fr}
+        pts = [(row, run) for row, run in mine if id(row) in ids]
+        for band in bands:
+            phi = 1 / band
+            faster = [p for p in pts if p[0]["compute_fraction"] <= phi]
+            slower = [p for p in pts if p[0]["compute_fraction"] > phi]
+            for chosen in (max(faster, key=lambda p: p[0]["compute_fraction"], default=None),
+                           min(slower, key=lambda p: p[0]["compute_fraction"], default=None)):  # fmt: skip
+                if chosen is not None and chosen[1] not in picked:
+                    picked.append(chosen[1])
+    return picked
 
 
-def best_per_band(rows: list[dict], runs: list[MethodRun], bands: list[float]) -> dict[tuple, MethodRun]:
-    """Per method and band of ideal speedup, the run with the best screening PSNR (and the uncached run)."""
-    chosen: dict[tuple, tuple[float, MethodRun]] = {}
+def pick_ours(rows: list[dict], runs: list[MethodRun]) -> list[MethodRun]:
+    """Per budget, the tuned candidate (one per order) with the best screening PSNR."""
+    best: dict[int, tuple[float, MethodRun]] = {}
     for row, run in zip(rows, runs):
-        if run.method == "uncached":
-            chosen[("base",)] = (math.inf, run)
+        if run.method != OURS:
             continue
-        band = band_of(row["ideal_speedup"] or 0, bands)
-        if band is None:
-            continue
-        slot = (run.method, band)
-        if slot not in chosen or row["psnr"] > chosen[slot][0]:
-            chosen[slot] = (row["psnr"], run)
-    return {slot: run for slot, (_, run) in chosen.items()}
+        budget = run.setting["budget"]
+        if budget not in best or row["psnr"] > best[budget][0]:
+            best[budget] = (row["psnr"], run)
+    return [run for _, run in sorted(best.values(), key=lambda pr: -pr[1].setting["budget"])]
 
 
-def screen(work: Workload, calib: Calibration, batch: Batch, grid: Grid, bands: list[float], classifier: Any,
-           log: Log) -> tuple[list[MethodRun], list[dict]]:  # fmt: skip
-    """Stage 1 over the grid, stage 2 on the best stage-1 plans; returns the runs and their screening rows."""
-    methods = build_methods(work, calib, grid, (bands[0], bands[-1]))
-    log(f"[{work.name}] stage-1 screening: {len(methods.runs)} settings on {len(batch)} calibration-seed samples")
-    records = [RunRecord(run) for run in methods.runs]
-    quality_pass(work, batch, records, log, "screening")
-    stage1 = rows_of(work, batch, records, classifier)
-    extra = refinements(methods, list(best_per_band(stage1, methods.runs, bands).values()), grid.taylor_thresholds)
-    if extra:
-        log(f"[{work.name}] stage-2 screening: {len(extra)} AdaTaylorCache variants (orders 0-2, "
-            f"taylor_threshold {grid.taylor_thresholds}) on the best plans")  # fmt: skip
-        more = [RunRecord(run) for run in extra]
-        quality_pass(work, batch, more, log, "screening-2")
-        records += more
-    return methods.runs, rows_of(work, batch, records, classifier)
-
-
-def run_model(work: Workload, calib: Calibration, screen_batch: Batch, eval_batch: Batch, grid: Grid,
-              bands: list[float], classifier: Any, reps: int, timing_samples: int,
-              log: Log) -> tuple[list[dict], list[dict]]:  # fmt: skip
-    """Screen, then evaluate per method and band the best screened setting: quality on the whole
-    evaluation batch, timing on its first ``timing_samples`` samples. Returns (rows, screening rows)."""
-    runs, screen_rows = screen(work, calib, screen_batch, grid, bands, classifier, log)
-    picked = set(best_per_band(screen_rows, runs, bands).values())
-    chosen = [run for run in runs if run in picked]
-    log(f"[{work.name}] evaluating {len(chosen)} settings on {len(eval_batch)} samples, "
-        f"timing x{reps} on {timing_samples}")  # fmt: skip
-    records = [RunRecord(run) for run in chosen]
-    quality_pass(work, eval_batch, records, log, "evaluation")
-    timing_pass(work, eval_batch.head(timing_samples), records, reps, log)
-    screening = [
-        {k: row[k] for k in ("model", "method", "setting", "compute_fraction", "psnr", "psnr_mean_per_image", "ssim")}
-        | {"evaluated": run in picked}
-        for row, run in zip(screen_rows, runs)
-    ]
-    return rows_of(work, eval_batch, records, classifier), screening
-
-
-def efficiency_check(json_path: Path, models_dir: Path, reps: int, log: Log) -> dict:
-    """Time the uncached run and ditcache order 1 at its matched ~2x / ~3x settings (from a finished
-    run's JSON) on the whole evaluation batch, interleaved, ``reps`` repeats; store the result in the
-    JSON under "efficiency_full_batch". The curve is re-measured on the same calibration batch
-    (deterministic), and each run's block executions are checked against the JSON."""
-    data = json.loads(json_path.read_text())
-    env = data["env"]
-    samples, steps = env["samples_per_model"], env["steps"]
-    out: dict[str, list[dict]] = {}
-    for model, per_label in data["matched"]["by_block_passes"].items():
-        work = make_workload(models_dir / model, model, steps, env["shift"], env["guidance_scale"])
-        calib = calibrate(work, make_batch(env["calibration"][model]["samples"], CALIB_SEED))
-        records = [RunRecord(MethodRun("uncached", {}, work.pipeline))]
-        expected = [1.0]
-        for label, matched in per_label.items():
-            best = matched["best"].get("ditcache-ada_taylor-o1")
-            if best is None:
-                continue
-            st = best["setting"]
-            config = ada_config(with_settings(calib.params, st["thresh"], st["K"], st["retention_ratio"]), 1,
-                                st["taylor_threshold"])  # fmt: skip
-            run = MethodRun("ditcache-ada_taylor-o1", st | {"matched": label}, work.pipeline, config)
-            records.append(RunRecord(run))
-            expected.append(best["compute_fraction"])
-        batch = make_batch(samples, EVAL_SEED)
-        calls = [sum(rec.run(work, batch)[1].values()) for rec in records]
-        for rec, n, fraction in zip(records, calls, expected):
-            assert abs(n / calls[0] - fraction) < 1e-4, f"{model}: compute fraction {n / calls[0]} != JSON's {fraction}"
-        timing_pass(work, batch, records, reps, log)
-        base = records[0]
-        out[model] = []
-        for rec, n in zip(records[1:], calls[1:]):
-            fraction = n / calls[0]
-            sp, sp_cpu = min(base.times) / min(rec.times), min(base.cpu_times) / min(rec.cpu_times)
-            out[model].append({
-                "method": rec.run.method, "setting": rec.run.setting, "compute_fraction": round(fraction, 5),
-                "ideal_speedup": round(1 / fraction, 4), "speedup": round(sp, 4),
-                "speedup_efficiency": round(sp * fraction, 4), "speedup_cpu_time": round(sp_cpu, 4),
-                "speedup_efficiency_cpu_time": round(sp_cpu * fraction, 4),
-                "uncached_wall_s_min": round(min(base.times), 3), "wall_s_min": round(min(rec.times), 3),
-            })  # fmt: skip
-            log(f"[{model}] o1 {rec.run.setting['matched']}: {1 / fraction:.2f}x fewer passes, {sp:.3f}x measured, "
-                f"efficiency {sp * fraction:.3f} (cpu time {sp_cpu * fraction:.3f})")  # fmt: skip
-    data["efficiency_full_batch"] = {
-        "what": f"uncached vs ditcache order 1 at its matched settings on all {samples} evaluation samples, "
-        f"{reps} interleaved repeats, minimum",
-        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "models": out,
+def run_workload(work: Workload, calib_batch: Batch, screen: Samples, evals: Samples, grid: Grid, classifier: Any,
+                 tune_samples: int, log: Log, timing: dict | None = None) -> tuple[list[dict], list[dict], dict]:  # fmt: skip
+    """Calibrate, tune, screen, evaluate one workload (and with ``timing``, {"batch", "one", "reps_batch",
+    "reps_one"}, time ours against uncached). Returns (evaluation rows, screening rows, meta)."""
+    t0 = time.perf_counter()
+    shares = block_flop_shares(work.pipeline, prompt_for_label(0))
+    calib = calibrate(work, calib_batch)
+    log(f"[{work.name} {work.steps} steps] calibrated on {len(calib_batch)} samples in {calib.seconds:.1f} s")
+    tuned, tune_meta = tune_plans(work, calib, calib_batch.head(tune_samples), grid)
+    log(f"[{work.name} {work.steps} steps] tuned {len(tuned)} plans in {tune_meta['seconds']:.1f} s "
+        f"({tune_meta['candidates_evaluated']} candidates)")  # fmt: skip
+    methods = MethodSet(work, shares)
+    base = methods.direct("uncached", {}, None)
+    build_peers(methods, calib, grid)
+    add_tuned(methods, tuned)
+    screen_runs = list(methods.runs)
+    screened = run_all(work, [base, *screen_runs], screen, log, f"{work.name} {work.steps} screening")
+    screen_rows = rows_of(work, screen, screened, classifier)[1:]
+    chosen = pick_for_evaluation(screen_rows, screen_runs)
+    ours = pick_ours(screen_rows, screen_runs)
+    eval_runs = [base, *chosen, *ours]
+    evaluated = run_all(work, eval_runs, evals, log, f"{work.name} {work.steps} evaluation")
+    rows = rows_of(work, evals, evaluated, classifier)
+    timed = None
+    if timing is not None:
+        timed = efficiency(work, rows, eval_runs, timing["batch"], timing["one"], timing["reps_batch"],
+                           timing["reps_one"], log)  # fmt: skip
+    for row in screen_rows:
+        row.pop("per_image_mse", None)
+    counts = {m: sum(r["method"] == m for r in screen_rows) for m in [*PEERS, OURS]}
+    meta = {
+        "flop_shares": shares,
+        "calibration": {"samples": len(calib_batch), "seconds": round(calib.seconds, 2),
+                        "cond_mag_ratios": [round(v, 5) for v in calib.params.cond_mag_ratios],
+                        "teacache_coefficients": calib.teacache_coefficients},  # fmt: skip
+        "tuning": tune_meta,
+        "screened_settings": counts,
+        "evaluated_settings": {m: sum(r["method"] == m for r in rows) for m in [OURS, *PEERS]},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tuned_plans": tuned,
+        "efficiency": timed,
     }
-    json_path.write_text(json.dumps(data, indent=1) + "\n")
+    for plan in meta["tuned_plans"]:
+        plan.pop("params", None)
+    return rows, screen_rows, meta
+
+
+def time_runs(work: Workload, runs: list[MethodRun], call: Callable[[MethodRun], None], reps: int) -> list[float]:
+    """Minimum wall time of ``call(run)`` per run over ``reps`` repeats, runs interleaved in a fresh
+    shuffled order per repeat (a slow moment of a shared machine hits every run alike)."""
+    rng = random.Random(12345)
+    times = [[] for _ in runs]
+    for _ in range(reps):
+        order = list(range(len(runs)))
+        rng.shuffle(order)
+        for i in order:
+            t = time.perf_counter()
+            call(runs[i])
+            times[i].append(time.perf_counter() - t)
+    return [min(t) for t in times]
+
+
+def efficiency(work: Workload, rows: list[dict], methods_runs: list[MethodRun], batch: Batch, one: Samples,
+               reps_batch: int, reps_one: int, log: Log, bands=BANDS) -> list[dict]:  # fmt: skip
+    """Speedup efficiency (measured wall speedup x compute fraction) of ours at the plan nearest each
+    band, at batch 1 (one request of one sample) and at the benchmark batch (one request of
+    ``len(batch)`` samples); the uncached run is timed alongside."""
+    ours = [(row, run) for row, run in zip(rows, methods_runs) if run.method == OURS]
+    base = next(run for run in methods_runs if run.method == "uncached")
+    picked: list[tuple[dict, MethodRun]] = []
+    for band in bands:
+        near = min(ours, key=lambda rr: abs(rr[0]["ideal_speedup"] - band), default=None)
+        if near is not None and near not in picked:
+            picked.append(near)
+    runs = [base, *[run for _, run in picked]]
+    out = []
+    for label, call, reps in (
+        ("batch_1", lambda run: run(work, one), reps_one),
+        (f"batch_{len(batch)}", lambda run: generate(run.pipeline, work, batch, run.cache), reps_batch),
+    ):
+        t = time.perf_counter()
+        walls = time_runs(work, runs, call, reps)
+        log(f"[{work.name} {work.steps} steps] timing {label}: {len(runs)} runs x {reps} in "
+            f"{time.perf_counter() - t:.1f} s")  # fmt: skip
+        for (row, run), wall in zip(picked, walls[1:]):
+            speedup = walls[0] / wall
+            out.append({
+                "model": work.name, "steps": work.steps, "batch": label, "method": run.method,
+                "setting": run.setting, "compute_fraction": row["compute_fraction"],
+                "ideal_speedup": row["ideal_speedup"], "speedup": round(speedup, 4),
+                "speedup_efficiency": round(speedup * row["compute_fraction"], 4),
+                "uncached_wall_s_min": round(walls[0], 4), "wall_s_min": round(wall, 4), "reps": reps,
+            })  # fmt: skip
     return out

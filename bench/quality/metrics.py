@@ -50,6 +50,61 @@ class BlockCounter:
         self.per_step[self.where] += 1
 
 
+def block_flop_shares(pipeline: Any, prompt: str, steps: int = 2) -> dict[str, float]:
+    """Each part's share of one Wan block's FLOPs at this workload's size (matmuls; elementwise ops
+    are left out): self-attention ``8 L d^2 + 4 L^2 d``, cross-attention ``4 L d^2 + 4 T d^2 + 4 L T d``,
+    feed-forward ``4 L d f``, with L image tokens and T text tokens read off one probe request."""
+    adapter = next(iter(pipeline.adapters.values()))
+    block = adapter.transformer.blocks[0]
+    seen: dict[str, int] = {}
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        seen.update(L=hidden.shape[1], d=hidden.shape[2], T=text.shape[1])
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        pipeline(prompt, num_inference_steps=steps, guidance_scale=1.0, progress=False)
+    finally:
+        handle.remove()
+    L, d, T = seen["L"], seen["d"], seen["T"]
+    f = block.ffn.net[-1].in_features if hasattr(block.ffn, "net") else 4 * d
+    flops = {"attn1": 8 * L * d * d + 4 * L * L * d, "attn2": 4 * L * d * d + 4 * T * d * d + 4 * L * T * d,
+             "ffn": 4 * L * d * f}  # fmt: skip
+    total = sum(flops.values())
+    return {k: v / total for k, v in flops.items()} | {"tokens": L, "text_tokens": T, "dim": d, "ffn_dim": f}
+
+
+class ComputeCounter:
+    """Block compute that really ran, per CFG branch, in units of one block: forward hooks on each
+    block's self-attention (``attn1.to_q``), cross-attention (``attn2.to_q``) and feed-forward network,
+    each weighted by its FLOP share (:func:`block_flop_shares`). A hook replacing a whole block or an
+    attention module keeps the inner modules from running, so only real work is counted; a method
+    that skips whole blocks is counted in whole blocks."""
+
+    def __init__(self, pipeline: Any, shares: dict[str, float]) -> None:
+        self.start()
+        self.branch = "cond"
+        for adapter in pipeline.adapters.values():
+            adapter.register_forward_pre_hook(self.enter, with_kwargs=True)
+            for block in adapter.transformer.blocks:
+                for part, module in (("attn1", block.attn1.to_q), ("attn2", block.attn2.to_q), ("ffn", block.ffn)):
+                    module.register_forward_hook(self.adder(shares[part]))
+
+    def start(self) -> None:
+        self.counts = {"cond": 0.0, "uncond": 0.0}
+
+    def enter(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.branch = "cond" if kwargs.get("is_cond", True) else "uncond"
+
+    def adder(self, weight: float) -> Any:
+        def add(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            self.counts[self.branch] += weight
+
+        return add
+
+
 def telemetry_block_calls(output: ditcache.GenerationOutput, num_layers: int, probe_blocks: int) -> dict[str, int]:
     """Block executions per branch from the request's telemetry: every stack pass runs ``num_layers``
     blocks, every skipped step ``probe_blocks`` (the first-block rule's probe; 0 for the others)."""
@@ -92,6 +147,7 @@ def quality_metrics(images: torch.Tensor, reference: torch.Tensor, classifier: A
         "ssim": round(ssim, 6),
         "accuracy": round(float((predicted == labels).float().mean()), 4),
         "max_abs_err": round(float((images - reference).abs().max()), 6),
+        "per_image_mse": [float(f"{v:.6g}") for v in per_image_mse.tolist()],
     }
 
 

@@ -1,305 +1,258 @@
-"""The methods and their grids: every setting is one public pipeline call with one ``cache=`` argument.
+"""The methods and their grids: every setting is a public pipeline call per sample with one ``cache=``.
 
 A :class:`MethodRun` is one method at one setting: the pipeline it calls (the workload's own, or a
 hooked deep copy for diffusers' hooks, see ``bench/peers.py``) and the cache config it hands over.
-Settings that would do the same work are dropped before anything runs, so a denser grid does not
-buy a method extra tries: AdaTaylorCache settings by the plan its config builds (per expert, the
-builds the pipeline makes), MagCache hook settings by the plan of the hook's rule, and either when
-its plan's speedup lies outside the evaluated bands.
+Every run is one request per sample (batch 1, as a user runs a request), so the rules that decide
+on a batch statistic (FirstBlockCache, SeaCache, TeaCache) decide per sample.
 
-Tuning effort is comparable: each method sweeps its own knob(s) over a grid of similar size, and
-stage 2 (:func:`refinements`) tries AdaTaylorCache's orders and ``taylor_threshold`` only on the
-plans stage 1 found best, its own and MagCache's (whose schedule rule it shares).
+Peers (each swept over its own knobs; settings whose plan is known in advance are de-duplicated by
+that plan and dropped when outside the speedup range, so a denser grid buys no extra tries):
+
+    teacache              TeaCache's rule ("teacache" cache): dense threshold grid x warm-up
+    diffusers-fbc         diffusers FirstBlockCacheConfig: threshold
+    diffusers-magcache    diffusers MagCacheConfig on the curve calibrated here: threshold x K x retention
+    diffusers-taylorseer  diffusers TaylorSeerCacheConfig, block-level: interval x warm-up x order
+    diffusers-seacache    diffusers SeaCacheConfig: threshold x residual order x max consecutive reuses
+    diffusers-pab         diffusers PyramidAttentionBroadcastConfig: self-/cross-attention skip ranges
+
+Ours, ``ditcache-tuned``: AdaTaylorCache with the plans ``ditcache.cache.tune`` chooses on the
+calibration samples: per budget and order, the placement and taylor_threshold of least predicted
+error (its candidates include the threshold rule and TaylorSeer's uniform-interval plans); those
+candidates are screened like the peers' settings and the better order per budget is evaluated.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 import ditcache
-from ditcache.cache import FirstBlockCacheConfig, FixedIntervalTaylorConfig, TeaCacheConfig, resample_nearest
-from ditcache.params import CacheParams, load_params
+from ditcache.cache import TeaCacheConfig
+from ditcache.params import params_from_dict
 
 from bench import peers
 from bench.quality.calibration import Calibration
-from bench.quality.metrics import BlockCounter, telemetry_block_calls
-from bench.quality.workload import WAN_CURVES, Batch, Workload, generate
+from bench.quality.metrics import ComputeCounter
+from bench.quality.workload import Samples, Workload, generate_each
 
-Plan = tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # (expert, cond steps, uncond steps) per expert
-TAYLORSEER_WARMUP = 3  # TaylorSeer's and diffusers' default: the first steps always compute
+PEERS = ["teacache", "diffusers-fbc", "diffusers-magcache", "diffusers-taylorseer", "diffusers-seacache", "diffusers-pab"]
+OURS = "ditcache-tuned"
+SPEEDUP_RANGE = (1.25, 6.5)  # plans known in advance outside this block-pass speedup range are not run
 
 
 @dataclass
 class Grid:
-    ours_retention: list[float]
-    ours_K: list[int]
-    ours_thresh: list[float]
-    taylor_thresholds: list[int]
-    wan_thresh: list[float]
-    wan_K: list[int]
-    wan_retention: list[float]
-    intervals: list[int]
-    fbc_thresh: list[float]
     teacache_thresh: list[float]
+    teacache_warmup_frac: list[float]  # warm-up steps = max(1, round(frac * N))
+    fbc_thresh: list[float]
+    mag_thresh: list[float]
+    mag_K: list[int]
+    mag_retention: list[float]
+    ts_interval: list[int]
+    ts_warmup: list[int]
+    ts_order: list[int]
+    sea_thresh: list[float]
+    sea_order: list[int]
+    sea_max_consecutive: list[int]
+    pab_spatial: list[int | None]
+    pab_cross: list[int | None]
+    tune_targets: list[float]  # ideal speedups the tuner is asked for (plus floor/ceil budgets at each band)
+    tune_orders: list[tuple[int, int]]  # (n_derivatives, taylor_threshold) the tuner chooses among
 
 
 FULL_GRID = Grid(
-    ours_retention=[0.05, 0.1, 0.2],
-    ours_K=[1, 2, 3, 4, 6],
-    ours_thresh=[0.02, 0.03, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 100.0],  # 100: only K and warm-up limit
-    taylor_thresholds=[1, 2, 3],
-    wan_thresh=[0.05, 0.1, 0.2, 0.4, 100.0],
-    wan_K=[2, 4, 6],
-    wan_retention=[0.1, 0.2],
-    intervals=[2, 3, 4, 5, 6],
-    fbc_thresh=[0.02, 0.05, 0.08, 0.12, 0.16, 0.24, 0.32, 0.5],
-    teacache_thresh=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2],
+    teacache_thresh=[0.04, 0.08, 0.13, 0.2, 0.3, 0.45, 0.7, 1.1],
+    teacache_warmup_frac=[0.05, 0.15],
+    fbc_thresh=[0.03, 0.05, 0.08, 0.11, 0.15, 0.2, 0.26, 0.34, 0.45, 0.6, 0.8, 1.0],
+    mag_thresh=[0.02, 0.05, 0.1, 0.2, 0.4, 1.0],
+    mag_K=[2, 4],
+    mag_retention=[0.1, 0.2],
+    ts_interval=[2, 3, 4, 5, 6, 8],
+    ts_warmup=[1, 4],
+    ts_order=[1, 2],
+    sea_thresh=[0.05, 0.1, 0.2, 0.35, 0.6, 1.0],
+    sea_order=[1],
+    sea_max_consecutive=[2, 5],
+    pab_spatial=[None, 2, 3, 4],
+    pab_cross=[None, 2, 4, 8],
+    tune_targets=[1.3, 2.5, 3.5, 4.5],
+    tune_orders=[(1, 2), (1, 3), (2, 2), (2, 3)],
 )
 QUICK_GRID = Grid(
-    ours_retention=[0.1],
-    ours_K=[2, 4],
-    ours_thresh=[0.1, 100.0],
-    taylor_thresholds=[2],
-    wan_thresh=[],
-    wan_K=[],
-    wan_retention=[],
-    intervals=[2, 3],
-    fbc_thresh=[0.08, 0.2],
-    teacache_thresh=[0.2, 0.6],
+    teacache_thresh=[0.1, 0.3, 0.7, 1.5],
+    teacache_warmup_frac=[0.1],
+    fbc_thresh=[0.06, 0.16, 0.4, 0.8],
+    mag_thresh=[0.05, 0.2, 1.0],
+    mag_K=[2, 4],
+    mag_retention=[0.1],
+    ts_interval=[2, 3, 4, 6],
+    ts_warmup=[3],
+    ts_order=[1],
+    sea_thresh=[0.1, 0.35, 1.0],
+    sea_order=[1],
+    sea_max_consecutive=[5],
+    pab_spatial=[2, 4],
+    pab_cross=[None, 4],
+    tune_targets=[1.3, 2.5, 3.5],
+    tune_orders=[(1, 2), (2, 2)],
 )
 SMOKE_GRID = Grid(
-    ours_retention=[0.2],
-    ours_K=[2],
-    ours_thresh=[100.0],
-    taylor_thresholds=[2],
-    wan_thresh=[100.0],
-    wan_K=[2],
-    wan_retention=[0.2],
-    intervals=[2],
-    fbc_thresh=[0.1],
     teacache_thresh=[0.3],
+    teacache_warmup_frac=[0.1],
+    fbc_thresh=[0.1],
+    mag_thresh=[0.2],
+    mag_K=[2],
+    mag_retention=[0.2],
+    ts_interval=[2],
+    ts_warmup=[3],
+    ts_order=[1],
+    sea_thresh=[0.3],
+    sea_order=[1],
+    sea_max_consecutive=[2],
+    pab_spatial=[2],
+    pab_cross=[None],
+    tune_targets=[],
+    tune_orders=[(1, 2)],
 )
 
 
 @dataclass(eq=False)
 class MethodRun:
-    """One method at one setting: ``pipeline(..., cache=cache)``.
+    """One method at one setting: ``pipeline(prompt, ..., cache=cache)`` once per sample.
 
-    ``counter`` is set for diffusers' hooks, whose skipped blocks only forward hooks can see; other
-    runs take their block executions from the request's telemetry, ``probe_blocks`` being what a
-    skipped step still runs. ``schedule`` (AdaTaylorCache params with this run's skip-schedule
-    settings) and ``curve`` let stage 2 re-run the plan with other orders.
-    """
+    ``counter`` counts the block compute that really ran (hooks on the block's parts; shared by the
+    runs on one pipeline object). ``planned`` is the block-pass speedup known before running (None
+    for data-dependent rules)."""
 
     method: str
     setting: dict[str, Any]
     pipeline: Any
+    counter: ComputeCounter
     cache: Any = None
-    probe_blocks: int = 0
-    counter: BlockCounter | None = None
-    schedule: CacheParams | None = None
-    curve: str = ""
+    planned: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self, work: Workload, batch: Batch) -> tuple[ditcache.GenerationOutput, dict[str, int]]:
-        """Generate ``batch``; returns the output and the real block executions per branch."""
-        if self.counter is not None:
-            self.counter.start()
-        out = generate(self.pipeline, work, batch, self.cache)
-        if self.counter is not None:
-            return out, dict(self.counter.counts)
-        return out, telemetry_block_calls(out, work.num_layers, self.probe_blocks)
-
-
-def hooked_run(work: Workload, method: str, setting: dict[str, Any], configs: dict[str, Any]) -> MethodRun:
-    """A run of diffusers' hooks (``configs[expert]``) on a deep copy of the workload's pipeline."""
-    pipeline = peers.hooked_pipeline(work.pipeline, configs)
-    return MethodRun(method, setting, pipeline, counter=BlockCounter(pipeline))
-
-
-def ada_config(params: CacheParams, order: int, taylor_threshold: int) -> ditcache.AdaTaylorConfig:
-    """AdaTaylorCache on ``params``; the curve is resampled by step index, as the MagCache hook takes it."""
-    return ditcache.AdaTaylorConfig(
-        params=params, n_derivatives=order, taylor_threshold=taylor_threshold, resample="index"
-    )
-
-
-def ada_plan(work: Workload, params: CacheParams) -> Plan:
-    """Per expert, the steps each branch computes: the caches the pipeline would build, asked for their plan."""
-    config = ada_config(params, 0, 1)
-    plan = []
-    for expert in work.used_experts():
-        own = set(work.expert_steps[expert])
-        cache = config.build(work.steps, work.sigmas, work.first_step(expert))
-        cond, uncond = (tuple(s for s in cache.planned_compute_steps(c) if s in own) for c in (True, False))
-        plan.append((expert, cond, uncond))
-    return tuple(plan)
-
-
-def plan_speedup(work: Workload, plan: Plan) -> float:
-    return 2 * work.steps / sum(len(cond) + len(uncond) for _, cond, uncond in plan)
-
-
-def max_elapsed(plan: Plan) -> int:
-    """Longest distance from a skipped step back to its last computed step, over experts and branches."""
-    gaps = [b - a - 1 for _, *branches in plan for steps in branches for a, b in zip(steps, steps[1:])]
-    return max(gaps, default=0)
+    def __call__(self, work: Workload, samples: Samples) -> tuple[torch.Tensor, dict[str, float], list]:
+        """Generate ``samples``; returns frames, block compute per branch (block units) and the outputs."""
+        self.counter.start()
+        outs = generate_each(self.pipeline, work, samples, self.cache)
+        return torch.cat([o.frames for o in outs]), dict(self.counter.counts), outs
 
 
 class MethodSet:
-    """The runs of one model, de-duplicated by what they would actually do."""
+    """The runs of one workload, de-duplicated by what they would actually do."""
 
-    def __init__(self, work: Workload, speedup_range: tuple[float, float]) -> None:
+    def __init__(self, work: Workload, shares: dict[str, float], speedup_range: tuple[float, float] = SPEEDUP_RANGE):
         self.work = work
+        self.shares = shares
         self.range = speedup_range
         self.runs: list[MethodRun] = []
         self.seen: set[tuple] = set()
+        self.counter = ComputeCounter(work.pipeline, shares)
 
     def add(self, key: tuple, make: Callable[[], MethodRun], ideal: float | None = None) -> MethodRun | None:
-        """Add ``make()`` (called at once, only then: a hooked copy costs memory) unless an equivalent
-        run exists or its (known) ideal speedup is outside the range."""
-        if key in self.seen or (ideal is not None and not self.range[0] <= ideal < self.range[1]):
+        """Add ``make()`` unless an equivalent run exists or its (known) ideal speedup is outside the range."""
+        if key in self.seen or (ideal is not None and not self.range[0] <= ideal <= self.range[1]):
             return None
         self.seen.add(key)
         run = make()
+        run.planned = ideal
         self.runs.append(run)
         return run
 
-    def ada(self, params: CacheParams, order: int, taylor_threshold: int, curve: str = "") -> MethodRun | None:
-        """AdaTaylorCache of ``order``; a taylor_threshold beyond the plan's longest gap is the same run."""
-        plan = ada_plan(self.work, params)
-        effective = min(taylor_threshold, max(max_elapsed(plan), 1)) if order else 0
-        setting: dict[str, Any] = {"thresh": params.thresh, "K": params.K, "retention_ratio": params.retention_ratio}
-        if order:
-            setting["taylor_threshold"] = taylor_threshold
-        if curve:
-            setting["curve"] = params.model_type
+    def direct(self, method: str, setting: dict, cache: Any) -> MethodRun:
+        return MethodRun(method, setting, self.work.pipeline, self.counter, cache)
 
-        def make() -> MethodRun:
-            config = ada_config(params, order, taylor_threshold)
-            return MethodRun(f"ditcache-ada_taylor-o{order}{curve}", setting, self.work.pipeline, config,
-                             schedule=params, curve=curve)  # fmt: skip
+    def hooked(self, method: str, setting: dict, configs: dict[str, Any]) -> MethodRun:
+        pipeline = peers.hooked_pipeline(self.work.pipeline, configs)
+        return MethodRun(method, setting, pipeline, ComputeCounter(pipeline, self.shares))
 
-        return self.add(("ours", curve, order, effective, plan), make, plan_speedup(self.work, plan))
+    def count(self, method: str) -> int:
+        return sum(run.method == method for run in self.runs)
 
 
-def with_settings(params: CacheParams, thresh: float, K: int, retention_ratio: float) -> CacheParams:
-    return dataclasses.replace(params, thresh=thresh, K=K, retention_ratio=retention_ratio)
+def uncached_run(methods: MethodSet) -> MethodRun:
+    return methods.direct("uncached", {}, None)
 
 
-def build_methods(work: Workload, calib: Calibration, grid: Grid, speedup_range: tuple[float, float]) -> MethodSet:
-    """Stage 1: every method over its knob (AdaTaylorCache at order 1, taylor_threshold 2)."""
-    methods = MethodSet(work, speedup_range)
-    methods.add(("uncached",), lambda: MethodRun("uncached", {}, work.pipeline))
-    wan_params = load_params(WAN_CURVES[work.name]) if work.name in WAN_CURVES and grid.wan_thresh else None
-    schedule_grid = [(r, K, t) for r in grid.ours_retention for K in grid.ours_K for t in grid.ours_thresh]
-    wan_grid = [(r, K, t) for r in grid.wan_retention for K in grid.wan_K for t in grid.wan_thresh]
-    for retention, K, thresh in schedule_grid:
-        methods.ada(with_settings(calib.params, thresh, K, retention), 1, 2)
-    if wan_params is not None:
-        for retention, K, thresh in wan_grid:
-            methods.ada(with_settings(wan_params, thresh, K, retention), 1, 2, "-wancurve")
-    add_library_rules(methods, calib, grid)
-    add_diffusers_hooks(methods, calib, grid, schedule_grid)
-    if wan_params is not None:
-        curve = resample_nearest(wan_params.cond_mag_ratios, work.steps)
-        add_magcache_hooks(methods, curve, wan_grid, "-wancurve", None)
-    return methods
-
-
-def add_library_rules(methods: MethodSet, calib: Calibration, grid: Grid) -> None:
-    """The peers' rules registered in ditcache: TaylorSeer's interval, TeaCache, FirstBlockCache."""
+def build_peers(methods: MethodSet, calib: Calibration, grid: Grid) -> None:
+    """Every peer over its grid (see the module docstring)."""
     work = methods.work
-    for order in (1, 2):
-        for interval in grid.intervals:
-            config = FixedIntervalTaylorConfig(interval=interval, order=order, warmup=TAYLORSEER_WARMUP)
-            setting = {"interval": interval, "warmup": TAYLORSEER_WARMUP}
-            name = f"taylorseer-interval-o{order}"
-            methods.add(("ts", order, interval), lambda: MethodRun(name, setting, work.pipeline, config))
-    warmup = max(1, work.steps // 10)
-    for thresh in grid.teacache_thresh:
-        config = TeaCacheConfig(coefficients=tuple(calib.teacache_coefficients), thresh=thresh, warmup=warmup)
-        setting = {"thresh": thresh, "warmup": warmup}
-        methods.add(("tea", thresh), lambda: MethodRun("teacache", setting, work.pipeline, config))
-    for thresh in grid.fbc_thresh:
-        config = FirstBlockCacheConfig(threshold=thresh)
-        setting = {"threshold": thresh}
-        methods.add(("first-block", thresh),
-                    lambda: MethodRun("first-block", setting, work.pipeline, config, probe_blocks=1))  # fmt: skip
-
-
-def add_diffusers_hooks(
-    methods: MethodSet, calib: Calibration, grid: Grid, schedule_grid: list[tuple[float, int, float]]
-) -> None:
-    """diffusers' FirstBlockCache, MagCache (on the curve calibrated here) and TaylorSeer hooks."""
-    work = methods.work
-    experts = work.used_experts()
+    n, experts = work.steps, work.used_experts()
+    for frac in grid.teacache_warmup_frac:
+        warmup = max(1, round(frac * n))
+        for thresh in grid.teacache_thresh:
+            config = TeaCacheConfig(coefficients=tuple(calib.teacache_coefficients), thresh=thresh, warmup=warmup)
+            setting = {"thresh": thresh, "warmup": warmup}
+            methods.add(("tea", thresh, warmup), lambda: methods.direct("teacache", setting, config))
     for thresh in grid.fbc_thresh:
         configs = {e: peers.make_diffusers_config("fbc", threshold=thresh) for e in experts}
-        methods.add(("fbc", thresh), lambda: hooked_run(work, "diffusers-fbc", {"threshold": thresh}, configs))
-    add_magcache_hooks(methods, calib.params.cond_mag_ratios, schedule_grid, "", calib.params)
-    for order in (1, 2):
-        for interval in grid.intervals:
-            options = {"cache_interval": interval, "max_order": order, "disable_cache_before_step": TAYLORSEER_WARMUP}
-            configs = {e: peers.make_diffusers_config("taylorseer", **options) for e in experts}
-            setting = {"cache_interval": interval, "disable_cache_before_step": TAYLORSEER_WARMUP,
-                       "cache_identifiers": "blocks.N"}  # fmt: skip
-            name = f"diffusers-taylorseer-o{order}"
-            methods.add(("dts", order, interval), lambda: hooked_run(work, name, setting, configs))
+        methods.add(("fbc", thresh), lambda: methods.hooked("diffusers-fbc", {"threshold": thresh}, configs))
+    add_magcache(methods, calib, grid)
+    for order in grid.ts_order:
+        for interval in grid.ts_interval:
+            for warmup in grid.ts_warmup:
+                plans = []
+                for e in experts:  # each expert's hook counts its own steps from 0
+                    own = work.expert_steps[e]
+                    plans.append(tuple(own[i] for i in peers.diffusers_taylorseer_plan(len(own), interval, warmup)))
+                options = {"cache_interval": interval, "max_order": order, "disable_cache_before_step": warmup}
+                configs = {e: peers.make_diffusers_config("taylorseer", **options) for e in experts}
+                setting = dict(options)
+                ideal = n / sum(len(p) for p in plans)
+                methods.add(("dts", order, tuple(plans)),
+                            lambda: methods.hooked("diffusers-taylorseer", setting, configs), ideal)  # fmt: skip
+    for thresh in grid.sea_thresh:
+        for order in grid.sea_order:
+            for most in grid.sea_max_consecutive:
+                options = {"threshold": thresh, "residual_order": order, "max_consecutive_cached": most}
+                configs = {e: peers.make_diffusers_config("seacache", **options) for e in experts}
+                methods.add(("sea", thresh, order, most),
+                            lambda: methods.hooked("diffusers-seacache", dict(options), configs))  # fmt: skip
+    for spatial in grid.pab_spatial:
+        for cross in grid.pab_cross:
+            if spatial is None and cross is None:
+                continue
+            options = {"spatial_attention_block_skip_range": spatial, "cross_attention_block_skip_range": cross}
+            configs = {e: peers.make_diffusers_config("pab", **options) for e in experts}
+            methods.add(("pab", spatial, cross), lambda: methods.hooked("diffusers-pab", dict(options), configs))
 
 
-def add_magcache_hooks(
-    methods: MethodSet,
-    curve: list[float] | tuple[float, ...],
-    settings: list[tuple[float, int, float]],
-    suffix: str,
-    params: CacheParams | None,
-) -> None:
-    """diffusers' MagCache hook on ``curve`` over (retention, K, thresh); with ``params`` (the same
-    curve as AdaTaylorCache params) a run also carries its schedule for stage 2."""
+def add_magcache(methods: MethodSet, calib: Calibration, grid: Grid) -> None:
+    """diffusers' MagCache hook on the curve calibrated here (each expert gets its slice of the curve)."""
     work = methods.work
-    for retention, K, thresh in settings:
-        configs, plan = {}, []
-        for expert in work.used_experts():
-            steps = work.expert_steps[expert]
-            # Each expert's hook counts its own steps from 0: give it its slice of the curve.
-            ratios = [curve[s] for s in steps]
-            configs[expert] = peers.make_diffusers_config(
-                "magcache", threshold=thresh, max_skip_steps=K, retention_ratio=retention,
-                num_inference_steps=len(steps), mag_ratios=ratios,
-            )  # fmt: skip
-            plan.append(tuple(peers.diffusers_magcache_plan(ratios, len(steps), thresh, K, retention)))
-        setting: dict[str, Any] = {"threshold": thresh, "max_skip_steps": K, "retention_ratio": retention}
-        if suffix:
-            setting["curve"] = WAN_CURVES[work.name]
-
-        def make() -> MethodRun:
-            run = hooked_run(work, f"diffusers-magcache{suffix}", setting, configs)
-            run.schedule = None if params is None else with_settings(params, thresh, K, retention)
-            return run
-
-        methods.add(("mag", suffix, tuple(plan)), make, work.steps / sum(len(p) for p in plan))
+    curve = calib.params.cond_mag_ratios
+    for retention in grid.mag_retention:
+        for K in grid.mag_K:
+            for thresh in grid.mag_thresh:
+                configs, plan = {}, []
+                for expert in work.used_experts():
+                    steps = work.expert_steps[expert]
+                    ratios = [curve[s] for s in steps]
+                    configs[expert] = peers.make_diffusers_config(
+                        "magcache", threshold=thresh, max_skip_steps=K, retention_ratio=retention,
+                        num_inference_steps=len(steps), mag_ratios=ratios,
+                    )  # fmt: skip
+                    plan.append(tuple(peers.diffusers_magcache_plan(ratios, len(steps), thresh, K, retention)))
+                setting = {"threshold": thresh, "max_skip_steps": K, "retention_ratio": retention}
+                methods.add(("mag", tuple(plan)), lambda: methods.hooked("diffusers-magcache", setting, configs),
+                            work.steps / sum(len(p) for p in plan))  # fmt: skip
 
 
-def refinements(methods: MethodSet, best: list[MethodRun], taylor_thresholds: list[int]) -> list[MethodRun]:
-    """Stage 2: AdaTaylorCache orders 0/1/2 at every taylor_threshold on the best stage-1 plans.
-
-    The best order-1 plans get orders 0, 1, 2 at every taylor_threshold; the best MagCache plans get
-    ditcache's order 0 (their analogue) and order 1; the published-curve plans order 1 again.
-    """
-    variants = {
-        "ditcache-ada_taylor-o1": [(0, 1)] + [(order, tt) for order in (1, 2) for tt in taylor_thresholds],
-        "diffusers-magcache": [(0, 1), (1, 2)],
-        "ditcache-ada_taylor-o1-wancurve": [(1, tt) for tt in taylor_thresholds],
-    }
-    new = []
-    for run in best:
-        if run.schedule is None:
-            continue
-        for order, tt in variants.get(run.method, []):
-            added = methods.ada(run.schedule, order, tt, run.curve)
-            if added is not None:
-                new.append(added)
-    return new
+def add_tuned(methods: MethodSet, tuned: list[dict]) -> None:
+    """Ours: one run per tuned plan (``tuned``: rows of :func:`bench.quality.evaluate.tune_plans`)."""
+    for plan in tuned:
+        params = params_from_dict(plan["params"], source="<tuned on the calibration samples>")
+        config = ditcache.AdaTaylorConfig(
+            params=params, n_derivatives=plan["order"], taylor_threshold=plan["taylor_threshold"]
+        )
+        setting = {"budget": plan["budget"], "order": plan["order"], "taylor_threshold": plan["taylor_threshold"],
+                   "plan": plan["method"]} | plan["settings"]  # fmt: skip
+        key = ("ours", plan["order"], plan["taylor_threshold"], tuple(plan["cond"]), tuple(plan["uncond"]))
+        run = methods.add(key, lambda: methods.direct(OURS, setting, config), plan["predicted_speedup"])
+        if run is not None:
+            run.extra = {"predicted_error": plan["predicted_error"], "compute_steps": {"cond": plan["cond"],
+                         "uncond": plan["uncond"]}}  # fmt: skip

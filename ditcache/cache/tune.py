@@ -10,10 +10,15 @@ the cond branch by g and the uncond branch by g - 1, so the predicted error of a
 
     sum_t |sigma_{t+1} - sigma_t| * (g * e_cond(t) + (g - 1) * e_uncond(t)),
 
-e = RMS of forecast - residual. Two families of candidates are searched: the threshold rule over a
-grid of (thresh, K, retention_ratio) on the calibrated curve, and a direct placement of the
-computed steps (greedy: drop the step whose loss hurts least, until the budget is met), because
-where the computed steps fall matters more than how many there are.
+e = RMS of forecast - residual. Three families of candidates are searched: the threshold rule over a
+grid of (thresh, K, retention_ratio) on the calibrated curve; TaylorSeer's uniform-interval plans
+(a warm-up, then one computed step in every ``interval``; :func:`interval_candidates`), so a tuned
+plan never predicts a larger error than the best fixed-interval plan of the same budget; and a
+direct placement of the computed steps (greedy: drop the step whose loss hurts least, until the
+budget is met), because where the computed steps fall matters more than how many there are.
+
+A run whose model changes mid-run (a Wan2.2 expert switch) builds a fresh cache at each
+``segment_starts`` step: the replay does the same, and every candidate computes those steps.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Sequence
 import torch
 
 from ditcache.cache.ada_taylor import AdaTaylorCache
+from ditcache.cache.fixed_interval import fixed_interval_plan
 from ditcache.cache.schedule import compute_skip_schedule, resample_by_sigma, resample_nearest
 from ditcache.errors import CacheConfigError
 from ditcache.params import CacheParams
@@ -33,6 +39,8 @@ from ditcache.params import CacheParams
 THRESH_GRID = tuple(round(0.005 * 1.25**i, 5) for i in range(30))  # 0.005 .. ~3.2
 K_GRID = (1, 2, 3, 4, 5, 6, 8)
 RETENTION_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
+INTERVAL_GRID = (2, 3, 4, 5, 6, 7, 8, 10, 12)
+WARMUP_GRID = (1, 2, 3, 4, 5, 6, 8)
 
 
 class TargetUnreachableError(CacheConfigError):
@@ -43,7 +51,7 @@ class TargetUnreachableError(CacheConfigError):
 class Candidate:
     """One plan with its predicted cost and error."""
 
-    method: str  # "rule" or "placement"
+    method: str  # "rule", "interval" or "placement"
     compute_steps: dict[bool, list[int]]
     predicted_error: float
     settings: dict = field(default_factory=dict)
@@ -70,6 +78,9 @@ class PlanReplayer:
         guidance_scale: float,
         n_derivatives: int = 1,
         taylor_threshold: int = 2,
+        *,
+        taylor_form: str = "newton",
+        segment_starts: Sequence[int] = (),
     ) -> None:
         self.branches = [c for c in (True, False) if trajectories.get(c)]
         if not self.branches:
@@ -87,22 +98,37 @@ class PlanReplayer:
         self.branch_weight = {True: guidance_scale if False in self.branches else 1.0, False: uncond_weight}
         self.n_derivatives = n_derivatives
         self.taylor_threshold = taylor_threshold
+        self.taylor_form = taylor_form
+        # steps where the run builds a fresh cache (an expert switch); step 0 always is one
+        self.segment_starts = sorted({0, *(int(s) for s in segment_starts if 0 <= int(s) < self.num_steps)})
         self.evaluations = 0
+
+    def with_plan(self, plan: Sequence[int]) -> list[int]:
+        """``plan`` with every segment's first step added (the run computes them whatever the plan)."""
+        return sorted({*plan, *self.segment_starts})
+
+    def segment_of(self, step: int) -> tuple[int, int]:
+        """(first step, end) of the segment holding ``step``."""
+        start = max(s for s in self.segment_starts if s <= step)
+        ends = [s for s in self.segment_starts if s > step]
+        return start, (ends[0] if ends else self.num_steps)
 
     def branch_error(self, is_cond: bool, compute_steps: list[int]) -> float:
         """Weighted forecast error of one branch's plan, averaged over the recorded requests."""
         flat = [1.0] * self.num_steps
         total = 0.0
+        starts = set(self.segment_starts)
         for traj in self.trajectories[is_cond]:
-            cache = AdaTaylorCache(
-                cond_mag_ratios=flat, uncond_mag_ratios=flat, K=0, thresh=0.0, retention_ratio=0.0,
-                num_inference_steps=self.num_steps, n_derivatives=self.n_derivatives,
-                taylor_threshold=self.taylor_threshold,
-            )
             # drive the real cache with the plan: its own decisions are overridden by the plan
-            planned = set(compute_steps)
+            planned = set(compute_steps) | starts
             zero = torch.zeros_like(traj[0])
             for step in range(self.num_steps):
+                if step in starts:  # a fresh cache per segment, as the run builds one per expert
+                    cache = AdaTaylorCache(
+                        cond_mag_ratios=flat, uncond_mag_ratios=flat, K=0, thresh=0.0, retention_ratio=0.0,
+                        num_inference_steps=self.num_steps, n_derivatives=self.n_derivatives,
+                        taylor_threshold=self.taylor_threshold, taylor_form=self.taylor_form, init_step=step,
+                    )
                 cache.should_compute(is_cond)
                 if step in planned:
                     cache.update(traj[step], zero, is_cond)
@@ -144,7 +170,7 @@ def rule_candidates(
             curves[c] = resample_nearest(params.curve(c), n)
     seen: dict[tuple, Candidate] = {}
     for thresh, K, retention in itertools.product(THRESH_GRID, K_GRID, RETENTION_GRID):
-        plan = {c: compute_skip_schedule(curves[c], n, K, thresh, retention) for c in (True, False)}
+        plan = {c: replayer.with_plan(compute_skip_schedule(curves[c], n, K, thresh, retention)) for c in (True, False)}
         counts = [len(plan[c]) for c in replayer.branches]
         if any(k > budget or k < budget * (1 - tolerance) for k in counts):
             continue
@@ -165,26 +191,66 @@ def thresh_for_budget(
     return min(grid, key=lambda t: (abs(len(compute_skip_schedule(curve, num_steps, K, t, retention_ratio)) - budget), t))
 
 
-def placement_candidate(replayer: PlanReplayer, budget: int) -> Candidate:
-    """Greedy placement: from computing everything, drop the step whose removal costs least."""
+def interval_plan(replayer: PlanReplayer, interval: int, warmup: int) -> list[int]:
+    """TaylorSeer's uniform-interval plan, restarted (warm-up included) in every segment, as the
+    ``taylorseer_interval`` cache does per expert, plus the last step (a placement computes both ends)."""
+    plan: list[int] = []
+    for start in replayer.segment_starts:
+        _, end = replayer.segment_of(start)
+        plan += [s for s in fixed_interval_plan(end, interval, warmup, start) if s < end]
+    return sorted({*plan, replayer.num_steps - 1})
+
+
+def interval_candidates(replayer: PlanReplayer, budget: int, tolerance: float) -> list[Candidate]:
+    """Uniform-interval plans (interval x warm-up grids) with between ``budget * (1 - tolerance)`` and
+    ``budget`` computes per branch: the plans TaylorSeer's fixed schedule can make."""
+    seen: dict[tuple, Candidate] = {}
+    for interval, warmup in itertools.product(INTERVAL_GRID, WARMUP_GRID):
+        steps = interval_plan(replayer, interval, warmup)
+        if not budget * (1 - tolerance) <= len(steps) <= budget or tuple(steps) in seen:
+            continue
+        seen[tuple(steps)] = Candidate(
+            "interval", {True: steps, False: list(steps)}, math.nan, {"interval": interval, "warmup": warmup}
+        )
+    for cand in seen.values():
+        cand.predicted_error = replayer.error(cand.compute_steps)
+    return list(seen.values())
+
+
+def placement_candidates(replayer: PlanReplayer, budgets: Sequence[int]) -> dict[int, Candidate]:
+    """Greedy placement for several budgets in one pass: from computing everything, drop the step whose
+    removal costs least; the plan is recorded as it passes each budget."""
     n = replayer.num_steps
-    plan: dict[bool, list[int]] = {}
+    fixed = {0, n - 1, *replayer.segment_starts}  # first and last step (and each segment's first) compute
+    wanted = sorted({max(b, len(fixed)) for b in budgets}, reverse=True)
+    plans: dict[int, dict[bool, list[int]]] = {b: {} for b in wanted}
     for c in replayer.branches:
         current = list(range(n))
-        while len(current) > budget:
-            best_step, best_err = None, math.inf
-            for step in current[1:-1]:  # first and last step always compute
-                trial = [s for s in current if s != step]
-                err = replayer.branch_error(c, trial)
-                if err < best_err:
-                    best_step, best_err = step, err
-            if best_step is None:
-                break
-            current.remove(best_step)
-        plan[c] = current
-    for c in (True, False):
-        plan.setdefault(c, plan[replayer.branches[0]])
-    return Candidate("placement", plan, replayer.error(plan), {})
+        for budget in wanted:
+            while len(current) > budget:
+                best_step, best_err = None, math.inf
+                for step in current:
+                    if step in fixed:
+                        continue
+                    err = replayer.branch_error(c, [s for s in current if s != step])
+                    if err < best_err:
+                        best_step, best_err = step, err
+                if best_step is None:
+                    break
+                current.remove(best_step)
+            plans[budget][c] = list(current)
+    out = {}
+    for budget in budgets:
+        plan = dict(plans[max(budget, len(fixed))])
+        for c in (True, False):
+            plan.setdefault(c, plan[replayer.branches[0]])
+        out[budget] = Candidate("placement", plan, replayer.error(plan), {})
+    return out
+
+
+def placement_candidate(replayer: PlanReplayer, budget: int) -> Candidate:
+    """Greedy placement: from computing everything, drop the step whose removal costs least."""
+    return placement_candidates(replayer, [budget])[budget]
 
 
 def tune(
@@ -196,6 +262,7 @@ def tune(
     tolerance: float = 0.1,
     sigmas: Sequence[float] | None = None,
     place_steps: bool = True,
+    intervals: bool = True,
 ) -> TuneResult:
     """Choose the plan with the least predicted error at the target speedup (or the fastest within
     ``max_error``, a fraction of the signal scale). Raises TargetUnreachableError, never a bad plan."""
@@ -220,6 +287,8 @@ def tune(
     best_ok: Candidate | None = None
     for budget in budgets:
         cands = rule_candidates(replayer, params, budget, tolerance, sigmas)
+        if intervals:
+            cands += interval_candidates(replayer, budget, tolerance)
         if place_steps:
             cands.append(placement_candidate(replayer, budget))
         evaluated += len(cands)
@@ -242,6 +311,36 @@ def tune(
     return TuneResult(best_ok, n * len(replayer.branches) / passes, scale, evaluated)
 
 
+def tune_budgets(
+    replayer: PlanReplayer,
+    params: CacheParams,
+    budgets: Sequence[int],
+    *,
+    tolerance: float = 0.1,
+    sigmas: Sequence[float] | None = None,
+    place_steps: bool = True,
+    intervals: bool = True,
+) -> dict[int, TuneResult]:
+    """:func:`tune` at several budgets (computed steps per branch) at once, sharing one greedy pass.
+
+    Budgets below what the run must compute (first and last step, each segment's first) are dropped."""
+    n = replayer.num_steps
+    least = len({0, n - 1, *replayer.segment_starts})
+    budgets = sorted({int(b) for b in budgets if least <= b < n}, reverse=True)
+    placed = placement_candidates(replayer, budgets) if place_steps and budgets else {}
+    out = {}
+    for budget in budgets:
+        cands = rule_candidates(replayer, params, budget, tolerance, sigmas)
+        if intervals:
+            cands += interval_candidates(replayer, budget, tolerance)
+        if budget in placed:
+            cands.append(placed[budget])
+        best = min(cands, key=lambda c: c.predicted_error)
+        passes = best.passes(replayer.branches)
+        out[budget] = TuneResult(best, n * len(replayer.branches) / passes, replayer.signal_scale(), len(cands))
+    return out
+
+
 def tuned_params(params: CacheParams, result: TuneResult, num_steps: int, target: dict) -> dict:
     """A params-file mapping: the calibrated curves plus the chosen settings (and placement)."""
     chosen = result.chosen
@@ -258,7 +357,7 @@ def tuned_params(params: CacheParams, result: TuneResult, num_steps: int, target
     }
     if params.sigmas is not None:
         data["sigmas"] = list(params.sigmas)
-    if chosen.method == "placement":
+    if chosen.method != "rule":  # a placement or an interval plan: the steps themselves
         data["compute_steps"] = {
             "num_inference_steps": num_steps,
             "cond": chosen.compute_steps[True],

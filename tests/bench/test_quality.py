@@ -1,12 +1,10 @@
-"""The quality benchmark: every method is the public pipeline call, the peers' rules and hooks do what
-they claim, the end-to-end smoke run, and the matched-compute report."""
+"""The quality benchmark: every method is the public pipeline call, each peer config builds and runs,
+the compute counter counts real work, the end-to-end smoke run writes the JSON schema."""
 
 from __future__ import annotations
 
 import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +15,13 @@ from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE
 
 from bench import peers
 from bench.quality.calibration import calibrate
-from bench.quality.metrics import BlockCounter, telemetry_block_calls
-from bench.quality.report import matched_table, pareto_front
-from bench.quality.runners import SMOKE_GRID, build_methods, hooked_run
-from bench.quality.workload import CALIB_SEED, EVAL_SEED, Workload, make_batch, make_workload
+from bench.quality.metrics import BlockCounter, ComputeCounter, block_flop_shares, telemetry_block_calls
+from bench.quality.runners import PEERS, SMOKE_GRID, MethodSet, build_peers
+from bench.quality.workload import CALIB_SEED, EVAL_SEED, Workload, make_batch, make_samples, make_workload
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
-REQUIRED_RUN_KEYS = {"method", "setting", "compute_fraction", "speedup", "psnr", "psnr_ci95", "ssim", "accuracy"}
+RUN_KEYS = {"model", "steps", "method", "setting", "compute_fraction", "psnr", "psnr_ci95", "per_image_mse"}
 
 
 def _present(path: Path, *marks: pytest.MarkDecorator):
@@ -40,111 +37,164 @@ def base_work() -> Workload:
     return make_workload(REFERENCE_DIGITS, REFERENCE_DIGITS.name, steps=10, shift=5.0, guidance=4.0)
 
 
-@pytest.mark.slow
-def test_smoke_run_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def shares(base_work) -> dict:
+    return block_flop_shares(base_work.pipeline, "a handwritten 0")
+
+
+def test_smoke_run_writes_the_json_schema(tmp_path):
     if not (REFERENCE_DIGITS / "model_index.json").is_file():
         pytest.skip("the bundled reference model is not present")
+    from bench.quality.__main__ import main
+
     out_json, out_png = tmp_path / "q.json", tmp_path / "q.png"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.quality", "--smoke", "--threads", "1",
-         "--out-json", str(out_json), "--out-png", str(out_png)],  # fmt: skip
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert main(["--smoke", "--out-json", str(out_json), "--out-png", str(out_png)]) == 0
     data = json.loads(out_json.read_text())
-    assert set(data) >= {"runs", "env", "screening", "matched"}
+    assert {"runs", "frontier", "screened_settings", "efficiency", "env", "not_applicable"} <= set(data)
     assert out_png.stat().st_size > 0
     runs = data["runs"]
-    assert runs and all(REQUIRED_RUN_KEYS <= set(r) for r in runs)
-    for r in runs:
-        assert isinstance(r["method"], str) and isinstance(r["setting"], dict)
-        assert 0 < r["compute_fraction"] <= 1.0 + 1e-9
-        assert r["speedup"] > 0 and 0 <= r["accuracy"] <= 1 and -1 <= r["ssim"] <= 1
-        low, high = r["psnr_ci95"]
-        assert low <= r["psnr"] + 1e-6 and r["psnr"] <= high + 1e-6
+    assert runs and all(RUN_KEYS <= set(r) for r in runs)
     (base,) = [r for r in runs if r["method"] == "uncached"]
-    assert base["compute_fraction"] == 1.0
-    assert base["psnr"] == max(r["psnr"] for r in runs) == data["env"]["psnr_cap_db"]
-    assert base["ssim"] == 1.0 and base["speedup"] == 1.0
-    methods = {r["method"] for r in runs}
-    assert {"ditcache-ada_taylor-o1", "diffusers-fbc", "diffusers-magcache", "teacache", "first-block"} <= methods
-    assert any(m.startswith("diffusers-taylorseer") for m in methods)
-    assert any(r["compute_fraction"] < 1.0 for r in runs if r["method"].startswith("ditcache-"))
+    assert base["compute_fraction"] == 1.0 and base["psnr"] == data["env"]["psnr_cap_db"]
+    assert {r["method"] for r in runs} >= {"ditcache-tuned", "teacache", "diffusers-fbc"}
+    for r in runs:
+        assert 0 < r["compute_fraction"] <= 1.0 + 1e-9 and len(r["per_image_mse"]) == data["env"]["eval_samples"]
+    per_band = data["frontier"]["reference-digits"]["8"]
+    assert set(per_band) == {"1.5x", "2x", "3x", "4x", "5x"}
+    for cell in per_band.values():
+        assert set(cell) >= {"methods", "best_peer", "margin_vs_best_peer", "margins"}
+        for margin in cell["margins"].values():
+            low, high = margin["ci95"]
+            assert low <= margin["margin_db"] + 1e-6 and margin["margin_db"] <= high + 1e-6
+    counts = data["screened_settings"]["reference-digits"]["8"]
+    assert set(counts) == {*PEERS, "ditcache-tuned"}
+    assert {e["batch"] for e in data["efficiency"]} == {"batch_1", "batch_2"}
     env = data["env"]
-    assert env["steps"] == 10 and env["samples_per_model"] == 4
-    assert set(env["eval_seeds"]).isdisjoint(env["calibration"]["reference-digits"]["seeds"])
+    lo, hi = env["eval_seeds"]
+    assert not set(range(lo, hi + 1)) & set(range(env["screen_seeds"][0], env["screen_seeds"][1] + 1))
+    assert env["calibration_seed"] not in range(lo, hi + 1)
+
+
+@pytest.mark.parametrize(
+    "kind,options",
+    [
+        ("fbc", {"threshold": 0.2}),
+        ("magcache", {"threshold": 0.3, "max_skip_steps": 2, "retention_ratio": 0.2, "num_inference_steps": 10,
+                      "mag_ratios": [1.0] * 10}),
+        ("taylorseer", {"cache_interval": 3, "max_order": 1}),
+        ("seacache", {"threshold": 0.5, "max_consecutive_cached": 3}),
+        ("pab", {"spatial_attention_block_skip_range": 2, "cross_attention_block_skip_range": 2}),
+    ],
+)  # fmt: skip
+def test_each_peer_config_builds_and_runs_one_request(base_work, shares, kind, options):
+    config = peers.make_diffusers_config(kind, **options)
+    hooked = peers.hooked_pipeline(base_work.pipeline, {"transformer": config})
+    counter = ComputeCounter(hooked, shares)
+    out = hooked("a handwritten 0", num_inference_steps=10,
+                 guidance_scale=4.0, sigma_shift=5.0, seed=EVAL_SEED, progress=False)  # fmt: skip
+    assert torch.isfinite(out.frames).all()
+    assert 0 < sum(counter.counts.values()) < 2 * 10 * base_work.num_layers - 1e-9, kind
+
+
+def test_fastercache_does_not_apply_to_one_call_per_branch(base_work, shares):
+    """FasterCache builds, but with one transformer call per CFG branch it fails at batch 1 (its block
+    hook halves a batch it takes for [uncond, cond]) and skips nothing at batch 2: not in the grid."""
+    assert "fastercache" in peers.NOT_APPLICABLE
+    hooked = peers.hooked_pipeline(base_work.pipeline, {"transformer": peers.make_diffusers_config("fastercache")})
+    counter = ComputeCounter(hooked, shares)
+    with pytest.raises(IndexError):
+        hooked("a handwritten 0", num_inference_steps=10, guidance_scale=4.0, sigma_shift=5.0, seed=EVAL_SEED,
+               progress=False)  # fmt: skip
+    counter.start()
+    hooked(["a handwritten 0", "a handwritten 1"], num_inference_steps=10, guidance_scale=4.0, sigma_shift=5.0,
+           seed=EVAL_SEED, progress=False)  # fmt: skip
+    assert sum(counter.counts.values()) == pytest.approx(2 * 10 * base_work.num_layers)
+
+
+def test_compute_counter_equals_telemetry_for_ditcache_caches(base_work, shares):
+    """Whole-block skipping is counted in whole blocks: the weighted counter equals the telemetry."""
+    counter = ComputeCounter(base_work.pipeline, shares)
+    for cache in (None, ditcache.AdaTaylorConfig(model_type="Reference-Digits", n_derivatives=1),
+                  ditcache.TeaCacheConfig(coefficients=(0.0, 0.0, 0.0, 1.0, 0.0), thresh=0.3, warmup=2)):  # fmt: skip
+        counter.start()
+        out = base_work.pipeline("a handwritten 3", num_inference_steps=10, guidance_scale=4.0, sigma_shift=5.0,
+                                 seed=EVAL_SEED, cache=cache, progress=False)  # fmt: skip
+        expected = telemetry_block_calls(out, base_work.num_layers, 0)
+        assert counter.counts == pytest.approx({k: float(v) for k, v in expected.items()})
+
+
+def test_flop_shares_sum_to_one(shares):
+    assert shares["attn1"] + shares["attn2"] + shares["ffn"] == pytest.approx(1.0)
+    assert min(shares["attn1"], shares["attn2"], shares["ffn"]) > 0
+
+
+def test_pab_counts_only_the_attention_it_skips(base_work, shares):
+    config = peers.make_diffusers_config("pab", spatial_attention_block_skip_range=2)
+    hooked = peers.hooked_pipeline(base_work.pipeline, {"transformer": config})
+    counter = ComputeCounter(hooked, shares)
+    hooked("a handwritten 1", num_inference_steps=10, guidance_scale=4.0, sigma_shift=5.0, seed=EVAL_SEED,
+           progress=False)  # fmt: skip
+    full = 2 * 10 * base_work.num_layers
+    # cond and uncond calls share PAB's counter: every 2nd self-attention call runs
+    assert sum(counter.counts.values()) == pytest.approx(full * (1 - shares["attn1"] / 2))
 
 
 @pytest.mark.parametrize("model_dir", [_present(REFERENCE_DIGITS), _present(REFERENCE_DIGITS_MOE)])
 def test_method_runs_are_the_public_pipeline_call(model_dir):
-    """Each ditcache-side run gives what the pipeline gives for the same cache config (rebuilt from its
-    registered name), and its telemetry's block count is what forward hooks on the blocks count."""
+    """Each direct run gives what the pipeline gives for the same cache config, one request per sample."""
     torch.set_num_threads(1)
     work = make_workload(model_dir, model_dir.name, steps=8, shift=5.0, guidance=4.0)
     calib = calibrate(work, make_batch(2, CALIB_SEED))
-    methods = build_methods(work, calib, SMOKE_GRID, (1.0, 100.0))
-    batch = make_batch(3, EVAL_SEED)
-    counter = BlockCounter(work.pipeline)
-    direct = [run for run in methods.runs if run.counter is None]
-    assert {"uncached", "ditcache-ada_taylor-o1", "teacache", "first-block"} <= {run.method for run in direct}
-    for run in direct:
-        counter.start()
-        out, calls = run(work, batch)
-        assert calls == counter.counts, run.method
-        cache = None if run.cache is None else ditcache.cache_config(run.cache.name, **run.cache.options())
-        expected = work.pipeline(batch.prompts, num_inference_steps=8, guidance_scale=4.0, sigma_shift=5.0,
-                                 seed=EVAL_SEED, cache=cache, progress=False)  # fmt: skip
-        torch.testing.assert_close(out.frames, expected.frames, atol=0, rtol=0, msg=run.method)
+    methods = MethodSet(work, block_flop_shares(work.pipeline, "a handwritten 0"))
+    build_peers(methods, calib, SMOKE_GRID)
+    samples = make_samples(2, EVAL_SEED)
+    assert {run.method for run in methods.runs} == set(PEERS)
+    for run in methods.runs:
+        frames, counts, _ = run(work, samples)
+        if run.cache is not None:
+            cache = ditcache.cache_config(run.cache.name, **run.cache.options())
+            expected = torch.cat([
+                work.pipeline(f"a handwritten {label}", num_inference_steps=8, guidance_scale=4.0, sigma_shift=5.0,
+                              seed=seed, cache=cache, progress=False).frames
+                for label, seed in zip(samples.labels, samples.seeds)
+            ])  # fmt: skip
+            torch.testing.assert_close(frames, expected, atol=0, rtol=0, msg=run.method)
+        assert 0 < sum(counts.values()) <= 2 * 8 * work.num_layers * len(samples) + 1e-9
 
 
-def test_batch_head_has_the_batch_noise(base_work):
-    """Screening and timing batches are heads of a batch: their samples are the batch's first ones."""
-    whole = base_work.pipeline(make_batch(4, EVAL_SEED).prompts, num_inference_steps=3, seed=EVAL_SEED, progress=False)
-    head = base_work.pipeline(make_batch(4, EVAL_SEED).head(2).prompts, num_inference_steps=3, seed=EVAL_SEED,
-                              progress=False)  # fmt: skip
-    torch.testing.assert_close(head.frames, whole.frames[:2])
-
-
-def test_first_block_rule_matches_the_diffusers_hook(base_work):
-    """The library's "first_block" cache is diffusers' FirstBlockCache rule: same samples, same block count."""
-    batch = make_batch(3, EVAL_SEED)
-    config = peers.make_diffusers_config("fbc", threshold=0.1)
-    hooked = hooked_run(base_work, "diffusers-fbc", {}, {"transformer": config})
-    hook_out, hook_calls = hooked(base_work, batch)
-    counter = BlockCounter(base_work.pipeline)
+def test_first_block_hook_matches_the_library_rule(base_work):
+    """diffusers' FirstBlockCache hook and the library's "first_block" rule: same samples, same block count."""
+    batch = make_batch(2, EVAL_SEED)
+    hooked = peers.hooked_pipeline(base_work.pipeline, {"transformer": peers.make_diffusers_config("fbc", threshold=0.1)})
+    counter = BlockCounter(hooked)
+    hook_out = hooked(batch.prompts, num_inference_steps=10, guidance_scale=4.0, sigma_shift=5.0, seed=EVAL_SEED,
+                      progress=False)  # fmt: skip
     rule_out = base_work.pipeline(batch.prompts, num_inference_steps=10, guidance_scale=4.0, sigma_shift=5.0,
                                   seed=EVAL_SEED, cache=ditcache.FirstBlockCacheConfig(threshold=0.1), progress=False)  # fmt: skip
-    assert hook_calls == counter.counts == telemetry_block_calls(rule_out, base_work.num_layers, 1)
-    assert sum(hook_calls.values()) < 2 * 10 * base_work.num_layers
+    assert counter.counts == telemetry_block_calls(rule_out, base_work.num_layers, 1)
     torch.testing.assert_close(hook_out.frames, rule_out.frames, atol=1e-4, rtol=0)
 
 
-def test_diffusers_magcache_plan_matches_the_hook(base_work):
+def test_diffusers_schedules_match_the_hooks(base_work, shares):
     curve = [1.0, 1.02, 0.99, 0.98, 1.01, 0.97, 0.95, 0.9, 0.99, 1.0]
-    layers = base_work.num_layers
-    for thresh, K, retention in [(0.05, 2, 0.2), (0.5, 3, 0.1), (100.0, 1, 0.2)]:
+    for thresh, K, retention in [(0.05, 2, 0.2), (0.5, 3, 0.1)]:
         config = peers.make_diffusers_config("magcache", threshold=thresh, max_skip_steps=K, retention_ratio=retention,
                                              num_inference_steps=10, mag_ratios=curve)  # fmt: skip
-        run = hooked_run(base_work, "diffusers-magcache", {}, {"transformer": config})
-        run(base_work, make_batch(2, EVAL_SEED))
-        for branch in ("cond", "uncond"):  # the hook keys its state by cache_context: same plan per branch
-            per_step = [run.counter.per_step[(branch, s)] for s in range(10)]
-            plan = peers.diffusers_magcache_plan(curve, 10, thresh, K, retention)
-            assert [s for s in range(10) if per_step[s]] == plan
-            assert set(per_step) <= {0, layers}
-
-
-def test_diffusers_taylorseer_hooks_whole_blocks(base_work):
-    transformer = base_work.pipeline.adapters["transformer"].transformer
-    names = peers.hooked_block_names(transformer, peers.TAYLORSEER_BLOCK_IDENTIFIERS)
-    assert names == [f"blocks.{i}" for i in range(base_work.num_layers)]
-    config = peers.make_diffusers_config("taylorseer", cache_interval=3, max_order=1)
-    run = hooked_run(base_work, "diffusers-taylorseer-o1", {}, {"transformer": config})
-    run(base_work, make_batch(2, EVAL_SEED))
-    per_step = [run.counter.per_step[("cond", s)] for s in range(10)]
-    # diffusers' schedule: steps < 3, then (step - 3 - 1) % 3 == 0; predicted steps run no block at all
-    assert [s for s in range(10) if per_step[s]] == [0, 1, 2, 4, 7]
-    assert set(per_step) <= {0, base_work.num_layers}
+        hooked = peers.hooked_pipeline(base_work.pipeline, {"transformer": config})
+        counter = BlockCounter(hooked)
+        hooked("a handwritten 2", num_inference_steps=10, guidance_scale=4.0, sigma_shift=5.0, seed=EVAL_SEED,
+               progress=False)  # fmt: skip
+        plan = peers.diffusers_magcache_plan(curve, 10, thresh, K, retention)
+        assert [s for s in range(10) if counter.per_step[("cond", s)]] == plan
+    config = peers.make_diffusers_config("taylorseer", cache_interval=3, max_order=1, disable_cache_before_step=3)
+    hooked = peers.hooked_pipeline(base_work.pipeline, {"transformer": config})
+    counter = BlockCounter(hooked)
+    hooked("a handwritten 2", num_inference_steps=10, guidance_scale=4.0, sigma_shift=5.0, seed=EVAL_SEED,
+           progress=False)  # fmt: skip
+    assert [s for s in range(10) if counter.per_step[("cond", s)]] == peers.diffusers_taylorseer_plan(10, 3, 3)
+    assert peers.hooked_block_names(hooked.adapters["transformer"].transformer, peers.TAYLORSEER_BLOCK_IDENTIFIERS) == [
+        f"blocks.{i}" for i in range(base_work.num_layers)
+    ]
 
 
 def _private_uses(path: Path) -> list[str]:
@@ -179,18 +229,3 @@ def test_quality_benchmark_reaches_pipelines_only_through_the_public_api():
     for path in paths:
         for module in _imported_modules(path):
             assert not module.startswith("ditcache.runtime") or module in allowed, f"{path.name} imports {module}"
-
-
-def test_pareto_front_and_matching():
-    assert pareto_front([(1, 10), (2, 9), (2, 5), (3, 9.5), (1.5, 8)]) == [(1, 10), (3, 9.5)]
-    rows = [
-        {"model": "m", "method": "ditcache-ada_taylor-o1", "psnr": 40.0, "ideal_speedup": 2.0, "speedup": 1.9},
-        {"model": "m", "method": "ditcache-ada_taylor-o1", "psnr": 30.0, "ideal_speedup": 3.1, "speedup": 2.9},
-        {"model": "m", "method": "diffusers-fbc", "psnr": 33.0, "ideal_speedup": 1.95, "speedup": 1.5},
-        {"model": "m", "method": "diffusers-fbc", "psnr": 45.0, "ideal_speedup": 1.5, "speedup": 1.4},
-    ]
-    table = matched_table(rows)
-    assert table["m"]["2x"]["margin_db_o1_vs_best_peer"] == pytest.approx(7.0)
-    assert table["m"]["2x"]["winner"] == "ditcache-ada_taylor-o1"
-    assert table["m"]["3x"]["best"]["diffusers-fbc"] is None
-    assert matched_table(rows, "speedup")["m"]["2x"]["best"]["diffusers-fbc"] is None

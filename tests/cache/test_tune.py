@@ -7,7 +7,15 @@ import torch
 
 from ditcache.cache import AdaTaylorCache
 from ditcache.cache.recorder import ResidualRecorder
-from ditcache.cache.tune import PlanReplayer, TargetUnreachableError, rule_candidates, tune, tuned_params
+from ditcache.cache.tune import (
+    PlanReplayer,
+    TargetUnreachableError,
+    interval_candidates,
+    rule_candidates,
+    tune,
+    tune_budgets,
+    tuned_params,
+)
 from ditcache.params import params_from_dict
 
 
@@ -74,3 +82,48 @@ def test_unreachable_targets_are_refused():
         tune(replayer, params(4), target_speedup=3.0)
     with pytest.raises(TargetUnreachableError, match="cannot help"):
         tune(replayer, params(4), max_error=1e-9)
+
+
+def _replayer(n=30, **kw):
+    rec = recorded(n)
+    return PlanReplayer({c: rec.trajectories(c) for c in (True, False)}, sigmas(n), guidance_scale=4.0, **kw)
+
+
+@pytest.mark.parametrize("target", [2.0, 3.0, 5.0])
+def test_tuned_plan_is_never_worse_than_the_best_uniform_interval_plan(target):
+    """TaylorSeer's fixed-interval plans are candidates: the chosen plan predicts at most their error."""
+    replayer = _replayer()
+    budget = round(30 / target)
+    intervals = interval_candidates(replayer, budget, 0.1)
+    assert intervals and all(c.method == "interval" for c in intervals)
+    for cand in intervals:
+        steps = cand.compute_steps[True]
+        assert steps[-1] == 29 and len(steps) <= budget
+        warm = cand.settings["warmup"]
+        assert steps[:warm] == list(range(warm))
+    result = tune(replayer, params(), target_speedup=target)
+    assert result.chosen.predicted_error <= min(c.predicted_error for c in intervals) + 1e-12
+
+
+def test_tune_budgets_agrees_with_tune():
+    replayer = _replayer()
+    many = tune_budgets(replayer, params(), [15, 10, 6])
+    for budget, target in ((15, 2.0), (10, 3.0), (6, 5.0)):
+        one = tune(replayer, params(), target_speedup=target)
+        assert many[budget].chosen.predicted_error == pytest.approx(one.chosen.predicted_error)
+        assert many[budget].chosen.passes([True, False]) <= 2 * budget
+
+
+def test_segment_starts_are_computed_and_restart_the_forecast():
+    """A Wan2.2 expert switch: the replay starts a fresh cache there and every candidate computes it."""
+    plain, split = _replayer(), _replayer(segment_starts=[12])
+    result = tune(split, params(), target_speedup=3.0)
+    assert 12 in result.chosen.compute_steps[True] and 12 in result.chosen.compute_steps[False]
+    for cand in interval_candidates(split, 10, 0.1):
+        assert {0, 12} <= set(cand.compute_steps[True])
+    plan = [0, 4, 8, 12, 16, 20, 24, 29]
+    # the same plan, replayed with a fresh cache at step 12: the forecast after 12 uses no older steps
+    assert split.branch_error(True, plan) != pytest.approx(plain.branch_error(True, plan))
+    data = tuned_params(params(), result, 30, {"target_speedup": 3.0})
+    if result.chosen.method != "rule":  # a placement or interval plan is written as its steps
+        assert 12 in data["compute_steps"]["cond"]
