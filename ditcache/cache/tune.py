@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from ditcache.cache.ada_taylor import AdaTaylorCache
+from ditcache.cache.ada_taylor import DEFAULT_TAYLOR_FORM, AdaTaylorCache
 from ditcache.cache.fixed_interval import fixed_interval_plan
 from ditcache.cache.schedule import compute_skip_schedule, resample_by_sigma, resample_nearest
 from ditcache.errors import CacheConfigError
@@ -79,7 +79,7 @@ class PlanReplayer:
         n_derivatives: int = 1,
         taylor_threshold: int = 2,
         *,
-        taylor_form: str = "newton",
+        taylor_form: str = DEFAULT_TAYLOR_FORM,
         segment_starts: Sequence[int] = (),
     ) -> None:
         self.branches = [c for c in (True, False) if trajectories.get(c)]

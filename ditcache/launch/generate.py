@@ -2,7 +2,7 @@
 
     ditcache generate                                   # reference digits, cache on -> PNG grid
     ditcache generate --model reference --prompt "a handwritten 3" --cache none
-    ditcache generate --model reference-moe --steps 40 --order 2 --cache-option taylor_form=taylor
+    ditcache generate --model reference-moe --steps 40 --order 2 --cache-option taylor_form=newton
     ditcache generate --model wan --model-dir /models/Wan2.1-T2V-1.3B-Diffusers \
         --prompt "a cat playing piano" --model-type Wan2.1-T2V-1.3B --output cat.mp4
     ditcache generate --import my_caches.py --cache mine --cache-option thresh=0.2

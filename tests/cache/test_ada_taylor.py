@@ -37,10 +37,10 @@ def run_branch(cache, residual_fn, x_fn, is_cond=True, n_steps=12):
 
 
 @pytest.mark.parametrize("order", [0, 1, 2])
-def test_taylor_is_exact_on_polynomials_of_its_order(order):
+def test_newton_form_is_exact_on_polynomials_of_its_order(order):
     torch.manual_seed(0)
     base = torch.randn(2, 16, 8)
-    cache = explicit_cache(K=2, n_derivatives=order, taylor_threshold=2)
+    cache = explicit_cache(K=2, n_derivatives=order, taylor_threshold=2, taylor_form="newton")
     skipped = run_branch(cache, lambda s: poly_residual(s, order, base), lambda s: torch.randn(2, 16, 8))
     # with K=2 and a flat curve: compute 0, skip 1, 2, compute 3, ...; the first skips come before
     # enough computed steps exist for the top derivative, so judge the skips after two computes
@@ -51,11 +51,11 @@ def test_taylor_is_exact_on_polynomials_of_its_order(order):
         torch.testing.assert_close(out, exact, atol=1e-4, rtol=1e-4)
 
 
-def test_order1_is_not_exact_on_a_quadratic_but_order2_is():
+def test_order1_is_not_exact_on_a_quadratic_but_newton_order2_is():
     base = torch.ones(1, 4, 4)
     errs = {}
     for order in (1, 2):
-        cache = explicit_cache(K=2, n_derivatives=order, taylor_threshold=2)
+        cache = explicit_cache(K=2, n_derivatives=order, taylor_threshold=2, taylor_form="newton")
         skipped = run_branch(cache, lambda s: poly_residual(s, 2, base), lambda s: torch.zeros(1, 4, 4))
         errs[order] = max((o - e).abs().max().item() for s, (o, e) in skipped.items() if s > 6)
     assert errs[2] < 1e-4 < errs[1]
