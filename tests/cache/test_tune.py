@@ -127,3 +127,23 @@ def test_segment_starts_are_computed_and_restart_the_forecast():
     data = tuned_params(params(), result, 30, {"target_speedup": 3.0})
     if result.chosen.method != "rule":  # a placement or interval plan is written as its steps
         assert 12 in data["compute_steps"]["cond"]
+
+
+def test_placement_is_one_plan_for_both_branches_and_local_search_only_helps():
+    from ditcache.cache.tune import local_search, placement_candidates
+
+    rec = recorded()
+    replayer = PlanReplayer({c: rec.trajectories(c) for c in (True, False)}, sigmas(30), guidance_scale=4.0)
+    placed = placement_candidates(replayer, [12, 6])
+    for budget, cand in placed.items():
+        # a split plan mixes a fresh branch with a stale one in the CFG combine: never proposed
+        assert cand.compute_steps[True] == cand.compute_steps[False]
+        assert len(cand.compute_steps[True]) == budget and {0, 29} <= set(cand.compute_steps[True])
+
+    def joint(plan):
+        return replayer.error({True: plan, False: plan})
+
+    start = [0, 1, 2, 3, 29]
+    polished = local_search(joint, 30, start, {0, 29})
+    assert len(polished) == len(start) and {0, 29} <= set(polished)
+    assert joint(polished) <= joint(start)
