@@ -47,6 +47,7 @@ from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE
 from ditcache.params import CacheParams, load_params
 from ditcache.runtime.io import atomic_target
 
+from bench.progress import ElapsedLog
 from bench.quality.metrics import PSNR_CAP_DB, psnr_from_mse
 from bench.quality.workload import CALIB_SEED, EVAL_SEED, Batch, make_batch
 
@@ -431,10 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
+    log = ElapsedLog()
 
     result = run_benchmark(
         args.models, args.samples, args.steps, args.targets, args.orders, TAYLOR_THRESHOLD, args.screen_samples,
@@ -443,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     write_result(result, args.out)
     log(f"wrote {args.out}")
-    print(f"runtime: {time.perf_counter() - started:.1f} s")
+    print(f"runtime: {log.seconds():.1f} s")
     return 0
 
 

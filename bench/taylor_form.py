@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from ditcache.models import MODELS_DIR
 from ditcache.params import load_params
 from ditcache.runtime.reference import prompt_for_label
 
+from bench.progress import ElapsedLog
 from bench.quality.metrics import psnr_from_mse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
+    log = ElapsedLog()
 
     rows = [row for folder, model_type in MODELS.items() for row in model_rows(MODELS_DIR / folder, model_type, log)]
     summary = summarize(rows)
@@ -156,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "per_model_steps": better,
         "rows": rows,
-        "wall_time_s": round(time.perf_counter() - started, 1),
+        "wall_time_s": round(log.seconds(), 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

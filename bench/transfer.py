@@ -33,6 +33,7 @@ from ditcache.cache.tune import PlanReplayer, thresh_for_budget, tune, tuned_par
 from ditcache.models import REFERENCE_DIGITS
 from ditcache.params import params_from_dict
 
+from bench.progress import ElapsedLog
 from bench.quality.metrics import psnr_from_mse, telemetry_block_calls
 from bench.quality.workload import CALIB_SEED, EVAL_SEED, Batch, Workload, generate, make_batch, make_workload
 
@@ -162,10 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "transfer.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
+    log = ElapsedLog()
 
     params = calibrate_curve(50, 3.0, args.guidance, make_batch(args.calib_samples, CALIB_SEED))
     log("calibrated at 50 steps / shift 3")
@@ -173,7 +171,7 @@ def main(argv=None) -> int:
     table = matched(rows, BUDGETS)
     tuned = autotune_rows(args.samples, args.calib_samples, args.guidance, log)
     out = {"transfer": {"calibrated_at": {"steps": 50, "shift": 3.0}, "matched": table, "runs": rows},
-           "autotune": tuned, "samples": args.samples, "wall_time_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+           "autotune": tuned, "samples": args.samples, "wall_time_s": round(log.seconds(), 1)}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print("\ntransfer (curve from 50 steps / shift 3), best pooled PSNR at compute fraction <= budget")
