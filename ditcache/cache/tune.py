@@ -104,6 +104,11 @@ class PlanReplayer:
         self.segment_starts = sorted({0, *(int(s) for s in segment_starts if 0 <= int(s) < self.num_steps)})
         self.evaluations = 0
 
+    @property
+    def fixed_steps(self) -> set[int]:
+        """Steps every placement computes: the first and the last, and each segment's first."""
+        return {0, self.num_steps - 1, *self.segment_starts}
+
     def with_plan(self, plan: Sequence[int]) -> list[int]:
         """``plan`` with every segment's first step added (the run computes them whatever the plan)."""
         return sorted({*plan, *self.segment_starts})
@@ -228,7 +233,7 @@ def placement_candidates(replayer: PlanReplayer, budgets: Sequence[int]) -> dict
     (g - 1) * uncond amplifies their mismatch), which the per-branch replay cannot see; measured on
     the reference model at 20 steps / 4 computes, such split plans lost 5 to 15 dB PSNR."""
     n = replayer.num_steps
-    fixed = {0, n - 1, *replayer.segment_starts}  # first and last step (and each segment's first) compute
+    fixed = replayer.fixed_steps
     wanted = sorted({max(b, len(fixed)) for b in budgets}, reverse=True)
     plans: dict[int, list[int]] = {}
 
@@ -290,6 +295,25 @@ def placement_candidate(replayer: PlanReplayer, budget: int) -> Candidate:
     return placement_candidates(replayer, [budget])[budget]
 
 
+def budget_candidates(
+    replayer: PlanReplayer,
+    params: CacheParams,
+    budget: int,
+    tolerance: float,
+    sigmas: Sequence[float] | None,
+    intervals: bool,
+    placement: Candidate | None,
+) -> list[Candidate]:
+    """Every candidate plan with about ``budget`` computes per branch: the threshold rule's, the
+    uniform-interval ones (``intervals``) and a placement (when given)."""
+    cands = rule_candidates(replayer, params, budget, tolerance, sigmas)
+    if intervals:
+        cands += interval_candidates(replayer, budget, tolerance)
+    if placement is not None:
+        cands.append(placement)
+    return cands
+
+
 def tune(
     replayer: PlanReplayer,
     params: CacheParams,
@@ -323,11 +347,8 @@ def tune(
     evaluated = 0
     best_ok: Candidate | None = None
     for budget in budgets:
-        cands = rule_candidates(replayer, params, budget, tolerance, sigmas)
-        if intervals:
-            cands += interval_candidates(replayer, budget, tolerance)
-        if place_steps:
-            cands.append(placement_candidate(replayer, budget))
+        placement = placement_candidate(replayer, budget) if place_steps else None
+        cands = budget_candidates(replayer, params, budget, tolerance, sigmas, intervals, placement)
         evaluated += len(cands)
         if not cands:
             continue
@@ -362,19 +383,16 @@ def tune_budgets(
 
     Budgets below what the run must compute (first and last step, each segment's first) are dropped."""
     n = replayer.num_steps
-    least = len({0, n - 1, *replayer.segment_starts})
+    least = len(replayer.fixed_steps)
     budgets = sorted({int(b) for b in budgets if least <= b < n}, reverse=True)
     placed = placement_candidates(replayer, budgets) if place_steps and budgets else {}
+    scale = replayer.signal_scale()
     out = {}
     for budget in budgets:
-        cands = rule_candidates(replayer, params, budget, tolerance, sigmas)
-        if intervals:
-            cands += interval_candidates(replayer, budget, tolerance)
-        if budget in placed:
-            cands.append(placed[budget])
+        cands = budget_candidates(replayer, params, budget, tolerance, sigmas, intervals, placed.get(budget))
         best = min(cands, key=lambda c: c.predicted_error)
         passes = best.passes(replayer.branches)
-        out[budget] = TuneResult(best, n * len(replayer.branches) / passes, replayer.signal_scale(), len(cands))
+        out[budget] = TuneResult(best, n * len(replayer.branches) / passes, scale, len(cands))
     return out
 
 
