@@ -204,11 +204,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "ditcache generate") -> 
     try:
         result = run(args)
     except DitCacheError as exc:
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        where = f"rank {os.environ['RANK']}" if distributed else ""
-        # A message that starts with this rank already (a rendezvous error) names it once, not twice.
-        text = str(exc).removeprefix(f"{where}: ") if distributed else str(exc)
-        print(f"error{f' ({where})' if distributed else ''}: {text}", file=sys.stderr)
+        text, where = str(exc), ""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            rank = f"rank {os.environ['RANK']}"
+            # A message that starts with this rank already (a rendezvous error) names it once, not twice.
+            text, where = text.removeprefix(f"{rank}: "), f" ({rank})"
+        print(f"error{where}: {text}", file=sys.stderr)
         return 2
     if result.rank == 0:
         print(result.output.summary())

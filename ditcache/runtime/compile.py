@@ -27,11 +27,11 @@ from ditcache.errors import ParamsError
 __all__ = ["check_compile_layout", "compile_pipeline", "uncompile_pipeline"]
 
 
-def check_compile_layout(compile: bool, sp_degree: int = 1, ring_degree: int = 1) -> None:
+def check_compile_layout(compile: bool, ulysses_degree: int = 1, ring_degree: int = 1) -> None:
     """Refuse ``--compile`` with sequence parallelism (one line, before anything is loaded or run)."""
-    if compile and (sp_degree > 1 or ring_degree > 1):
+    if compile and (ulysses_degree > 1 or ring_degree > 1):
         raise ParamsError(
-            f"--compile does not support sequence parallelism (ulysses {sp_degree} x ring {ring_degree}): its "
+            f"--compile does not support sequence parallelism (ulysses {ulysses_degree} x ring {ring_degree}): its "
             "attention processors run collectives inside the compiled blocks; use --compile with --cfg-parallel "
             "and data-parallel replicas only"
         )
@@ -53,7 +53,7 @@ def compile_pipeline(pipe: Any, **compile_kwargs: Any) -> Any:
     parallel = getattr(pipe, "parallel", None)
     if parallel is not None:
         config = parallel.config
-        check_compile_layout(True, config.sp_degree // config.ring_degree, config.ring_degree)
+        check_compile_layout(True, config.ulysses_degree, config.ring_degree)
     for adapter in adapters.values():
         adapter.compile_stack(**compile_kwargs)
     return pipe

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ditcache.errors import ParamsError, UnknownModelError
+from ditcache.runtime.scheduler import config_shift
 from ditcache.runtime.text_encoders import TextEncoder, UMT5TextEncoder
 
 LATENT_SPACES = ("pixel", "vae")
@@ -132,8 +133,9 @@ def check_part(root: Path, part: str) -> Path:
     return folder
 
 
-def read_settings(root: Path, index: dict[str, Any]) -> ModelSettings:
-    """Merge the ``ditcache`` section, the scheduler config and Wan's defaults."""
+def read_settings(root: Path, index: dict[str, Any], scheduler: dict[str, Any] | None) -> ModelSettings:
+    """Merge the ``ditcache`` section, the scheduler config (``scheduler``, as read by
+    :func:`scheduler_config`; its shift is the default shift) and Wan's defaults."""
     section = index.get("ditcache") or {}
     if not isinstance(section, dict):
         raise ParamsError(f"{root}/model_index.json: 'ditcache' must be an object, got {section!r}")
@@ -149,9 +151,8 @@ def read_settings(root: Path, index: dict[str, Any]) -> ModelSettings:
     pixel = latent_space == "pixel"
 
     shift = section.get("default_shift")
-    if shift is None:
-        config = scheduler_config(root, index)
-        shift = config.get("shift", config.get("flow_shift"))
+    if shift is None and scheduler is not None:
+        shift = config_shift(scheduler)
 
     return ModelSettings(
         latent_space=latent_space,
@@ -525,7 +526,8 @@ def load_model_dir(
     """Load every part named by ``model_index.json`` from local files, each straight onto ``device``."""
     root = Path(model_dir)
     index = read_model_index(root)
-    settings = read_settings(root, index)
+    scheduler = scheduler_config(root, index) or None
+    settings = read_settings(root, index, scheduler)
 
     transformers: dict[str, torch.nn.Module] = {}
     for part in EXPERT_PARTS:
@@ -541,7 +543,6 @@ def load_model_dir(
 
     text_encoder = load_text_encoder(root, index, dtype, device=device)
     image_encoder, image_processor = load_image_parts(root, index, dtype, device=device)
-    scheduler = scheduler_config(root, index) or None
     return LoadedModel(
         root, index, settings, transformers, text_encoder, vae, image_encoder, image_processor, scheduler
     )
