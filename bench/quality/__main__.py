@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
+import resource
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +19,8 @@ from ditcache.models import MODELS_DIR
 
 import bench.quality
 from bench.peers import NOT_APPLICABLE
-from bench.quality.evaluate import run_workload
+from bench.quality.evaluate import Job, run_job, time_workload
 from bench.quality.frontier import BANDS, frontier_table
-from bench.quality.metrics import train_classifier
 from bench.quality.report import REPO, environment, frontier_markdown, plot, update_doc
 from bench.quality.runners import FULL_GRID, OURS, PEERS, QUICK_GRID, SMOKE_GRID, Grid
 from bench.quality.workload import CALIB_SEED, EVAL_SEED, make_batch, make_samples, make_workload
@@ -63,7 +67,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shift", type=float, default=5.0)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a shared 2-core machine two OpenMP threads stall each other)")
+                        help="torch threads per process (1: on a shared 2-core machine two OpenMP threads stall each other)")
+    parser.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1),
+                        help="workloads run at once, one process each (default: 2, or 1 on a 1-core machine); "
+                             "the efficiency timing runs afterwards, alone")
     parser.add_argument("--models", nargs="+", help="folders under ditcache/models, or paths")
     parser.add_argument("--no-timing", action="store_true", help="skip the efficiency timing")
     parser.add_argument("--out-json", type=Path, default=RESULTS / "quality.json")
@@ -96,9 +103,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu0 = time.process_time()
 
+    def cpu_seconds() -> float:
+        """This process's CPU time plus that of its finished worker processes."""
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() - cpu0 + children.ru_utime + children.ru_stime
+
     def log(message: str) -> None:
-        wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
-        print(f"[{wall:7.1f}s wall {cpu:7.1f}s cpu] {message}", flush=True)
+        print(f"[{time.perf_counter() - started:7.1f}s wall {cpu_seconds():7.1f}s cpu] {message}", flush=True)
 
     if args.from_json:
         render(json.loads(args.from_json.read_text()), args, log)
@@ -113,29 +124,29 @@ def main(argv: list[str] | None = None) -> int:
     calib_batch = make_batch(mode.calib_samples, CALIB_SEED)
     screen = make_samples(screen_n, SCREEN_SEED)
     evals = make_samples(samples, EVAL_SEED)
-    classifier = train_classifier(epochs=mode.classifier_epochs)
-    log("classifier trained")
+    for model_dir in model_dirs:
+        if not (model_dir / "model_index.json").is_file():
+            log(f"skipping {model_dir.name}: {model_dir} has no model_index.json")
+    jobs = [
+        Job(model_dir, steps, args.shift, args.guidance, calib_batch, screen, evals, mode.grid, mode.tune_samples,
+            mode.classifier_epochs, args.threads)
+        for model_dir in model_dirs if (model_dir / "model_index.json").is_file()
+        for steps in step_counts
+    ]  # fmt: skip
+    results = run_jobs(jobs, args.jobs, log)
     rows: list[dict] = []
     screening: list[dict] = []
     workloads: dict = {}
     efficiency: list[dict] = []
-    for model_dir in model_dirs:
-        if not (model_dir / "model_index.json").is_file():
-            log(f"skipping {model_dir.name}: {model_dir} has no model_index.json")
-            continue
-        for steps in step_counts:
-            work = make_workload(model_dir, model_dir.name, steps, args.shift, args.guidance)
-            timing = None
-            if steps == timing_steps and not args.no_timing:
-                timing = {"batch": make_batch(mode.timing_batch, EVAL_SEED), "one": evals.head(1),
-                          "reps_batch": mode.reps_batch, "reps_one": mode.reps_one}  # fmt: skip
-            w_rows, w_screen, meta = run_workload(work, calib_batch, screen, evals, mode.grid, classifier,
-                                                  mode.tune_samples, log, timing)  # fmt: skip
-            rows += w_rows
-            screening += w_screen
-            efficiency += meta.pop("efficiency") or []
-            workloads.setdefault(work.name, {})[str(steps)] = meta
-            log(f"[{work.name} {steps} steps] done in {meta['seconds']:.0f} s")
+    for job, (w_rows, w_screen, meta, ours_plans) in zip(jobs, results):
+        rows += w_rows
+        screening += w_screen
+        workloads.setdefault(job.model_dir.name, {})[str(job.steps)] = meta
+        if job.steps == timing_steps and not args.no_timing:
+            work = make_workload(job.model_dir, job.model_dir.name, job.steps, args.shift, args.guidance)
+            timing = {"batch": make_batch(mode.timing_batch, EVAL_SEED), "one": evals.head(1),
+                      "reps_batch": mode.reps_batch, "reps_one": mode.reps_one}  # fmt: skip
+            efficiency += time_workload(work, w_rows, ours_plans, timing, log)
     frontier = frontier_table(rows, OURS, PEERS)
     counts = {m: {s: meta["screened_settings"] for s, meta in per.items()} for m, per in workloads.items()}
     wall = time.perf_counter() - started
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         screen_samples=screen_n, screen_seeds=[SCREEN_SEED, SCREEN_SEED + screen_n - 1],
         calibration_seed=CALIB_SEED, calibration_samples=mode.calib_samples, tune_samples=mode.tune_samples,
         timing_batch=mode.timing_batch, timing_steps=timing_steps, bands=list(BANDS), wall_time_s=round(wall, 1),
-        cpu_time_s=round(time.process_time() - cpu0, 1),
+        cpu_time_s=round(cpu_seconds(), 1), jobs=args.jobs,
     )  # fmt: skip
     result = {
         "runs": rows,
@@ -158,11 +169,32 @@ def main(argv: list[str] | None = None) -> int:
         "screening": screening,
     }
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
-    args.out_json.write_text(json.dumps(result, indent=1) + "\n")
+    partial = args.out_json.with_name(args.out_json.name + ".partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    partial.replace(args.out_json)  # atomic: a reader never sees half a file
     log(f"wrote {args.out_json}")
     render(result, args, log)
     log(f"done in {wall:.1f} s")
     return 0
+
+
+def run_jobs(jobs: list[Job], workers: int, log: Callable[[str], None]) -> list[tuple]:
+    """Every job's :func:`run_job` result, in ``jobs`` order: in this process with one worker, else in
+    ``workers`` spawned processes (the longest jobs first, so the last to finish is a short one)."""
+    if workers == 1 or len(jobs) == 1:
+        return [run_job(job) for job in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].steps)
+    log(f"{len(jobs)} workloads on {min(workers, len(jobs))} processes")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {i: pool.submit(run_job, jobs[i]) for i in order}
+        return [futures[i].result() for i in range(len(jobs))]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 1")
+    return value
 
 
 def efficiency_markdown(eff: list[dict]) -> str:

@@ -3,16 +3,21 @@
 Selection never sees the evaluation samples: the curve, TeaCache's polynomial and the residuals the
 tuner replays come from calibration samples (seed ``CALIB_SEED``); every peer setting is screened on
 other calibration-seed samples; per peer, the screening front points around each band are
-evaluated on the evaluation samples (seeds ``EVAL_SEED + i``). Ours is the tuner's plan per budget,
-chosen on the calibration samples' residuals alone, and is evaluated without screening.
+evaluated on the evaluation samples (seeds ``EVAL_SEED + i``). Ours: per budget and order the tuner's
+plan, chosen on the calibration samples' residuals; per budget the order that screens better is
+evaluated. Workloads are independent (:class:`Job`), so a run may spread them over processes; the
+timing (:func:`time_workload`) runs afterwards, alone.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,11 +26,12 @@ from ditcache.cache.recorder import ResidualRecorder
 from ditcache.cache.tune import PlanReplayer, tune_budgets, tuned_params
 from ditcache.runtime.reference import prompt_for_label
 
+from bench.progress import ElapsedLog
 from bench.quality.calibration import Calibration, calibrate
 from bench.quality.frontier import BANDS, front
-from bench.quality.metrics import block_flop_shares, quality_metrics, to_images
+from bench.quality.metrics import block_flop_shares, quality_metrics, to_images, train_classifier
 from bench.quality.runners import OURS, PEERS, Grid, MethodRun, MethodSet, add_tuned, build_peers
-from bench.quality.workload import Batch, Samples, Workload, generate
+from bench.quality.workload import Batch, Samples, Workload, generate, make_workload
 
 Log = Callable[[str], None]
 
@@ -145,9 +151,9 @@ def pick_ours(rows: list[dict], runs: list[MethodRun]) -> list[MethodRun]:
 
 
 def run_workload(work: Workload, calib_batch: Batch, screen: Samples, evals: Samples, grid: Grid, classifier: Any,
-                 tune_samples: int, log: Log, timing: dict | None = None) -> tuple[list[dict], list[dict], dict]:  # fmt: skip
-    """Calibrate, tune, screen, evaluate one workload (and with ``timing``, {"batch", "one", "reps_batch",
-    "reps_one"}, time ours against uncached). Returns (evaluation rows, screening rows, meta)."""
+                 tune_samples: int, log: Log) -> tuple[list[dict], list[dict], dict, list[dict]]:  # fmt: skip
+    """Calibrate, tune, screen, evaluate one workload. Returns (evaluation rows, screening rows, meta,
+    the tuned plans of ours' evaluated runs in row order, for :func:`time_workload`)."""
     t0 = time.perf_counter()
     shares = block_flop_shares(work.pipeline, prompt_for_label(0))
     calib = calibrate(work, calib_batch)
@@ -167,10 +173,6 @@ def run_workload(work: Workload, calib_batch: Batch, screen: Samples, evals: Sam
     eval_runs = [base, *chosen, *ours]
     evaluated = run_all(work, eval_runs, evals, log, f"{work.name} {work.steps} evaluation")
     rows = rows_of(work, evals, evaluated, classifier)
-    timed = None
-    if timing is not None:
-        timed = efficiency(work, rows, eval_runs, timing["batch"], timing["one"], timing["reps_batch"],
-                           timing["reps_one"], log)  # fmt: skip
     for row in screen_rows:
         row.pop("per_image_mse", None)
     counts = {m: sum(r["method"] == m for r in screen_rows) for m in [*PEERS, OURS]}
@@ -183,12 +185,63 @@ def run_workload(work: Workload, calib_batch: Batch, screen: Samples, evals: Sam
         "screened_settings": counts,
         "evaluated_settings": {m: sum(r["method"] == m for r in rows) for m in [OURS, *PEERS]},
         "seconds": round(time.perf_counter() - t0, 1),
-        "tuned_plans": tuned,
-        "efficiency": timed,
+        "tuned_plans": [{k: v for k, v in plan.items() if k != "params"} for plan in tuned],
     }
-    for plan in meta["tuned_plans"]:
-        plan.pop("params", None)
-    return rows, screen_rows, meta
+    return rows, screen_rows, meta, [run.plan for run in ours]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One workload of a run as a worker process gets it: everything it needs, all picklable."""
+
+    model_dir: Path
+    steps: int
+    shift: float
+    guidance: float
+    calib_batch: Batch
+    screen: Samples
+    evals: Samples
+    grid: Grid
+    tune_samples: int
+    classifier_epochs: int
+    threads: int
+
+
+@functools.cache
+def _classifier(epochs: int) -> Any:
+    """The digit classifier, trained once per process (seeded: every process gets the same one)."""
+    return train_classifier(epochs=epochs)
+
+
+@functools.cache
+def _process_log() -> ElapsedLog:
+    """This process's progress log: a worker starts with the run, so its stamps are the run's."""
+    return ElapsedLog()
+
+
+def run_job(job: Job) -> tuple[list[dict], list[dict], dict, list[dict]]:
+    """:func:`run_workload` of ``job`` in this process (a worker of a parallel run, or the main one)."""
+    torch.set_num_threads(job.threads)
+    work = make_workload(job.model_dir, job.model_dir.name, job.steps, job.shift, job.guidance)
+    log = _process_log()
+    result = run_workload(work, job.calib_batch, job.screen, job.evals, job.grid, _classifier(job.classifier_epochs),
+                          job.tune_samples, log)  # fmt: skip
+    log(f"[{work.name} {work.steps} steps] done in {result[2]['seconds']:.0f} s")
+    return result
+
+
+def time_workload(work: Workload, rows: list[dict], ours_plans: list[dict], timing: dict, log: Log) -> list[dict]:
+    """:func:`efficiency` of one evaluated workload, rebuilt from its rows and ours' tuned plans, so the
+    timing can run alone after every workload (in parallel runs nothing else shares the machine then).
+    ``timing``: {"batch", "one", "reps_batch", "reps_one"}."""
+    methods = MethodSet(work, block_flop_shares(work.pipeline, prompt_for_label(0)))
+    base = methods.direct("uncached", {}, None)
+    add_tuned(methods, ours_plans)
+    ours_rows = [row for row in rows if row["method"] == OURS]
+    base_row = next(row for row in rows if row["method"] == "uncached")
+    assert len(ours_rows) == len(methods.runs), "ours' rows and plans must pair up"
+    return efficiency(work, [base_row, *ours_rows], [base, *methods.runs], timing["batch"], timing["one"],
+                      timing["reps_batch"], timing["reps_one"], log)  # fmt: skip
 
 
 def time_runs(work: Workload, runs: list[MethodRun], call: Callable[[MethodRun], None], reps: int) -> list[float]:

@@ -134,6 +134,7 @@ class MethodRun:
     cache: Any = None
     planned: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None  # ours: the tuned plan the run was built from (to rebuild it for timing)
 
     def __call__(self, work: Workload, samples: Samples) -> tuple[torch.Tensor, dict[str, float], list]:
         """Generate ``samples``; returns frames, block compute per branch (block units) and the outputs."""
@@ -254,5 +255,6 @@ def add_tuned(methods: MethodSet, tuned: list[dict]) -> None:
         key = ("ours", plan["order"], plan["taylor_threshold"], tuple(plan["cond"]), tuple(plan["uncond"]))
         run = methods.add(key, lambda: methods.direct(OURS, setting, config), plan["predicted_speedup"])
         if run is not None:
+            run.plan = plan
             run.extra = {"predicted_error": plan["predicted_error"], "compute_steps": {"cond": plan["cond"],
                          "uncond": plan["uncond"]}}  # fmt: skip

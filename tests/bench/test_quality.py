@@ -75,6 +75,31 @@ def test_smoke_run_writes_the_json_schema(tmp_path):
     assert env["calibration_seed"] not in range(lo, hi + 1)
 
 
+@pytest.mark.slow
+def test_workloads_in_worker_processes_give_the_rows_of_one_process(tmp_path):
+    """--jobs 2 spreads the workloads over spawned processes: the same settings are screened and evaluated
+    at the same compute as in one process, and every PSNR agrees to the hundredth (a process that ran
+    other workloads first may round the last float bits differently)."""
+    if not (REFERENCE_DIGITS / "model_index.json").is_file():
+        pytest.skip("the bundled reference model is not present")
+    from bench.quality.__main__ import main
+
+    outs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"q{jobs}.json"
+        assert main(["--smoke", "--steps", "6", "8", "--jobs", str(jobs), "--no-timing", "--no-plot",
+                     "--out-json", str(out)]) == 0  # fmt: skip
+        outs[jobs] = json.loads(out.read_text())
+    assert outs[2]["env"]["jobs"] == 2 and {r["steps"] for r in outs[2]["runs"]} == {6, 8}
+    assert outs[1]["screened_settings"] == outs[2]["screened_settings"]
+    for key in ("runs", "screening"):
+        one, two = outs[1][key], outs[2][key]
+        assert [(r["model"], r["steps"], r["method"], r["setting"], r["compute_fraction"]) for r in one] == [
+            (r["model"], r["steps"], r["method"], r["setting"], r["compute_fraction"]) for r in two
+        ], key
+        assert all(abs(a["psnr"] - b["psnr"]) < 0.01 for a, b in zip(one, two)), key
+
+
 @pytest.mark.parametrize(
     "kind,options",
     [
