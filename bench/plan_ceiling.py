@@ -32,9 +32,10 @@ import torch
 
 import ditcache
 from ditcache.cache import TeaCacheConfig
-from ditcache.cache.tune import Candidate, PlanReplayer, TuneResult, tuned_params
+from ditcache.cache.tune import Candidate, TuneResult, fixed_steps, tuned_params
 from ditcache.models import MODELS_DIR
 from ditcache.params import params_from_dict
+from ditcache.runtime.io import atomic_target
 
 from bench.progress import ElapsedLog
 from bench.quality.calibration import calibrate
@@ -53,7 +54,7 @@ TEACACHE_WARMUP = (1, 2, 3)
 
 def all_plans(work: Workload, budget: int) -> list[list[int]]:
     """Every plan with ``budget`` computed steps that computes the steps every placement computes."""
-    fixed = {0, work.steps - 1, *(work.first_step(e) for e in work.used_experts())}
+    fixed = fixed_steps(work.steps, (work.first_step(e) for e in work.used_experts()))
     free = [s for s in range(work.steps) if s not in fixed]
     if budget < len(fixed):
         raise SystemExit(f"error: --budget {budget} is below the {len(fixed)} steps every plan computes ({sorted(fixed)})")
@@ -173,10 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         m, label = b["vs_teacache"], f"{b['plan']} ({b['n_derivatives']}, {b['taylor_threshold']})"
         print(f"{r['model']:22s} {r['plans']:6d} {label:34s} "
               f"{b['psnr']:7.2f} {tuner:>14s} {r['teacache']['psnr']:9.2f}  {m['margin_db']:+.2f} [{m['ci95'][0]:+.2f}, {m['ci95'][1]:+.2f}]")  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"results": results, "seconds": round(log.seconds(), 1), "samples": args.samples}, indent=1))
-    tmp.replace(args.out)
+    with atomic_target(args.out) as tmp:
+        tmp.write_text(json.dumps({"results": results, "seconds": round(log.seconds(), 1), "samples": args.samples}, indent=1))
     print(f"{sum(r['runs'] for r in results)} plan runs in {log.seconds():.0f} s; wrote {args.out}")
 
 

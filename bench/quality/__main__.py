@@ -124,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     calib_batch = make_batch(mode.calib_samples, CALIB_SEED)
     screen = make_samples(screen_n, SCREEN_SEED)
     evals = make_samples(samples, EVAL_SEED)
+    present = [d for d in model_dirs if (d / "model_index.json").is_file()]
     for model_dir in model_dirs:
-        if not (model_dir / "model_index.json").is_file():
+        if model_dir not in present:
             log(f"skipping {model_dir.name}: {model_dir} has no model_index.json")
     jobs = [
         Job(model_dir, steps, args.shift, args.guidance, calib_batch, screen, evals, mode.grid, mode.tune_samples,
             mode.classifier_epochs, args.threads)
-        for model_dir in model_dirs if (model_dir / "model_index.json").is_file()
+        for model_dir in present
         for steps in step_counts
     ]  # fmt: skip
     results = run_jobs(jobs, args.jobs, log)
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             work = make_workload(job.model_dir, job.model_dir.name, job.steps, args.shift, args.guidance)
             timing = {"batch": make_batch(mode.timing_batch, EVAL_SEED), "one": evals.head(1),
                       "reps_batch": mode.reps_batch, "reps_one": mode.reps_one}  # fmt: skip
-            efficiency += time_workload(work, w_rows, ours_plans, timing, log)
+            efficiency += time_workload(work, meta["flop_shares"], w_rows, ours_plans, timing, log)
     frontier = frontier_table(rows, OURS, PEERS)
     counts = {m: {s: meta["screened_settings"] for s, meta in per.items()} for m, per in workloads.items()}
     wall = time.perf_counter() - started

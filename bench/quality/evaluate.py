@@ -230,11 +230,12 @@ def run_job(job: Job) -> tuple[list[dict], list[dict], dict, list[dict]]:
     return result
 
 
-def time_workload(work: Workload, rows: list[dict], ours_plans: list[dict], timing: dict, log: Log) -> list[dict]:
-    """:func:`efficiency` of one evaluated workload, rebuilt from its rows and ours' tuned plans, so the
-    timing can run alone after every workload (in parallel runs nothing else shares the machine then).
-    ``timing``: {"batch", "one", "reps_batch", "reps_one"}."""
-    methods = MethodSet(work, block_flop_shares(work.pipeline, prompt_for_label(0)))
+def time_workload(work: Workload, shares: dict[str, float], rows: list[dict], ours_plans: list[dict], timing: dict,
+                  log: Log) -> list[dict]:  # fmt: skip
+    """:func:`efficiency` of one evaluated workload, rebuilt from its block FLOP ``shares`` (its meta's),
+    rows and ours' tuned plans, so the timing can run alone after every workload (in parallel runs
+    nothing else shares the machine then). ``timing``: {"batch", "one", "reps_batch", "reps_one"}."""
+    methods = MethodSet(work, shares)
     base = methods.direct("uncached", {}, None)
     add_tuned(methods, ours_plans)
     ours_rows = [row for row in rows if row["method"] == OURS]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -69,6 +69,12 @@ class TuneResult:
     candidates_evaluated: int
 
 
+def fixed_steps(num_steps: int, segment_starts: Iterable[int] = ()) -> set[int]:
+    """Steps every placement computes: the first and the last (a params file's plan must hold both
+    ends), and each segment's first (an expert switch builds a fresh cache)."""
+    return {0, num_steps - 1, *segment_starts}
+
+
 class PlanReplayer:
     """Predicts the sample error of a plan from recorded residual trajectories."""
 
@@ -106,8 +112,8 @@ class PlanReplayer:
 
     @property
     def fixed_steps(self) -> set[int]:
-        """Steps every placement computes: the first and the last, and each segment's first."""
-        return {0, self.num_steps - 1, *self.segment_starts}
+        """Steps every placement computes (:func:`fixed_steps`)."""
+        return fixed_steps(self.num_steps, self.segment_starts)
 
     def with_plan(self, plan: Sequence[int]) -> list[int]:
         """``plan`` with every segment's first step added (the run computes them whatever the plan)."""
