@@ -20,7 +20,7 @@ import json
 import sys
 import warnings
 
-from ditcache.cache.ada_taylor import AdaTaylorConfig
+from ditcache.cache.ada_taylor import AdaTaylorConfig, resolve_forecast
 from ditcache.cache.plan import plan_run
 from ditcache.cache.context import branch_name
 from ditcache.errors import CacheConfigError, DitCacheError
@@ -123,6 +123,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         "K": params.K,
         "thresh": params.thresh,
         "retention_ratio": params.retention_ratio,
+        "forecast": dict(zip(("n_derivatives", "taylor_threshold"),
+                             resolve_forecast(params, args.n_derivatives, args.taylor_threshold))),  # fmt: skip
         "compute_steps": plan,
         "skip_steps": {name: [s for s in range(steps) if s not in set(v)] for name, v in plan.items()},
         "experts": {name: {"steps": [i for i, e in enumerate(experts) if e == name], "compute_steps": p}
@@ -139,7 +141,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return 0
     at = f", shift {shift:g} ({schedule.scheduler_name})" if schedule is not None else ""
     print(f"{params.model_type}: {steps} steps{at} (curve calibrated at {params.num_inference_steps}), "
-          f"K={params.K} thresh={params.thresh} retention={params.retention_ratio}")
+          f"K={params.K} thresh={params.thresh} retention={params.retention_ratio}, "
+          f"forecast order {result['forecast']['n_derivatives']} taylor_threshold {result['forecast']['taylor_threshold']}")
     if len(per_expert) > 1:
         for name, info in result["experts"].items():
             print(f"  {name}: steps {info['steps'][0]}-{info['steps'][-1]} (boundary {boundary:g})")
@@ -180,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--model", help="model_type of shipped or user params (see `ditcache list`)")
     p_plan.add_argument("--params-file", help="a params JSON file instead of --model")
     p_plan.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
-    p_plan.add_argument("--n-derivatives", type=int, default=1)
-    p_plan.add_argument("--taylor-threshold", type=int, default=2)
+    p_plan.add_argument("--n-derivatives", type=int, help="default: the params' tuned forecast, else 1")
+    p_plan.add_argument("--taylor-threshold", type=int, help="default: the params' tuned forecast, else 2")
     p_plan.add_argument("--shift", type=float, help="sigma shift of the run (default: the params' default_shift or sigma_shift)")
     p_plan.add_argument(
         "--boundary-ratio", type=float, help="two-expert models: the expert switch (default: the params' boundary_ratio)"

@@ -46,10 +46,21 @@ from ditcache.errors import CacheConfigError, CacheStateError
 from ditcache.params import CacheParams, load_params, params_from_dict
 
 
+DEFAULT_FORECAST = {"n_derivatives": 1, "taylor_threshold": 2}  # the seed's defaults
 TAYLOR_FORMS = ("newton", "taylor")
 DEFAULT_TAYLOR_FORM = "taylor"  # measured better on both reference models (module docstring)
 CACHE_DTYPES = ("float32", "model")
 OFFLOADS = (None, "cpu")
+
+
+def resolve_forecast(params: CacheParams, n_derivatives: int | None, taylor_threshold: int | None) -> tuple[int, int]:
+    """(n_derivatives, taylor_threshold) of a cache: each as given, else as the params' tuned forecast
+    records it (the one the tuner chose the plan with), else the seed's default."""
+    recorded = params.forecast or DEFAULT_FORECAST
+    return (
+        recorded["n_derivatives"] if n_derivatives is None else n_derivatives,
+        recorded["taylor_threshold"] if taylor_threshold is None else taylor_threshold,
+    )
 
 
 def _check_storage(cache_dtype: str, offload: str | None) -> None:
@@ -59,10 +70,15 @@ def _check_storage(cache_dtype: str, offload: str | None) -> None:
         raise CacheConfigError(f"offload must be None or 'cpu', got {offload!r}")
 
 
-def _check_order(n_derivatives: int, taylor_threshold: int, taylor_form: str) -> None:
-    if isinstance(n_derivatives, bool) or not isinstance(n_derivatives, int) or n_derivatives < 0:
+def _check_order(n_derivatives: int | None, taylor_threshold: int | None, taylor_form: str) -> None:
+    """None (unset: the params' forecast, else the default) passes."""
+    if n_derivatives is not None and (
+        isinstance(n_derivatives, bool) or not isinstance(n_derivatives, int) or n_derivatives < 0
+    ):
         raise CacheConfigError(f"n_derivatives must be an integer >= 0, got {n_derivatives!r}")
-    if isinstance(taylor_threshold, bool) or not isinstance(taylor_threshold, int) or taylor_threshold < 1:
+    if taylor_threshold is not None and (
+        isinstance(taylor_threshold, bool) or not isinstance(taylor_threshold, int) or taylor_threshold < 1
+    ):
         raise CacheConfigError(f"taylor_threshold must be an integer >= 1, got {taylor_threshold!r}")
     if taylor_form not in TAYLOR_FORMS:
         raise CacheConfigError(f"taylor_form must be one of {TAYLOR_FORMS}, got {taylor_form!r}")
@@ -94,9 +110,11 @@ class AdaTaylorCache(BaseFeatureCache):
             explicit curve/settings keywords below.
         num_inference_steps: steps of the run; the curves are resampled to it. Defaults to the
             params' ``default_steps`` (or the calibrated step count).
-        n_derivatives: Taylor order; 0 is plain residual reuse (MagCache).
+        n_derivatives: Taylor order; 0 is plain residual reuse (MagCache). Unset: the params'
+            ``forecast`` (written by the auto-tuner with its plan), else 1.
         taylor_threshold: largest distance (in steps) from the last computed step at which the
-            Taylor forecast is used; further away the last residual is reused.
+            Taylor forecast is used; further away the last residual is reused. Unset: the params'
+            ``forecast``, else 2.
         taylor_form: "taylor" (default) or "newton", the order >= 2 forecast (see the module docstring).
         cache_dtype: "float32" or "model": the dtype the residuals are stored in.
         offload: None or "cpu": keep the residuals in host memory between skipped steps.
@@ -120,8 +138,8 @@ class AdaTaylorCache(BaseFeatureCache):
         self,
         model_type: str | None = None,
         num_inference_steps: int | None = None,
-        n_derivatives: int = 1,
-        taylor_threshold: int = 2,
+        n_derivatives: int | None = None,
+        taylor_threshold: int | None = None,
         init_step: int = 0,
         params_dir: str | None = None,
         *,
@@ -143,6 +161,7 @@ class AdaTaylorCache(BaseFeatureCache):
         if num_inference_steps is None:
             num_inference_steps = self.params.default_steps or self.params.num_inference_steps
         _check_order(n_derivatives, taylor_threshold, taylor_form)
+        n_derivatives, taylor_threshold = resolve_forecast(self.params, n_derivatives, taylor_threshold)
         _check_storage(cache_dtype, offload)
         self.taylor_form = taylor_form
         self.cache_dtype = cache_dtype
@@ -361,8 +380,8 @@ class AdaTaylorConfig(CacheConfig):
     cache_class: ClassVar[type[BaseFeatureCache]] = AdaTaylorCache
 
     model_type: str | None = None
-    n_derivatives: int = 1
-    taylor_threshold: int = 2
+    n_derivatives: int | None = None  # None: the params' tuned forecast, else 1
+    taylor_threshold: int | None = None  # None: the params' tuned forecast, else 2
     taylor_form: str = DEFAULT_TAYLOR_FORM
     cache_dtype: str = "float32"
     offload: str | None = None

@@ -18,6 +18,12 @@ direct placement of the computed steps (greedy: drop the step whose loss hurts l
 budget is met, then a local search that moves single computed steps), one plan for both branches,
 because where the computed steps fall matters more than how many there are.
 
+A replayer judges every plan with one forecast (n_derivatives, taylor_threshold); a tuned result
+records it, and so does the params file written from it (``forecast``), because a plan chosen for
+one forecast is not the best plan for another. :func:`tune_forecasts` tunes once per forecast of a
+grid; which of those plans is best once errors compound over a whole run is for a real run to say
+(``ditcache calibrate`` runs them).
+
 A run whose model changes mid-run (a Wan2.2 expert switch) builds a fresh cache at each
 ``segment_starts`` step: the replay does the same, and every candidate computes those steps.
 """
@@ -27,7 +33,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -42,6 +48,11 @@ K_GRID = (1, 2, 3, 4, 5, 6, 8)
 RETENTION_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 INTERVAL_GRID = (2, 3, 4, 5, 6, 7, 8, 10, 12)
 WARMUP_GRID = (1, 2, 3, 4, 5, 6, 8)
+
+
+# (n_derivatives, taylor_threshold) a tuned plan may be judged with. A taylor_threshold of 6 lets the
+# forecast reach across the long gaps of low budgets (4 computed steps of 20 leave gaps of 4-11).
+FORECAST_GRID = ((1, 2), (1, 3), (1, 6), (2, 3), (2, 6))
 
 
 class TargetUnreachableError(CacheConfigError):
@@ -67,6 +78,7 @@ class TuneResult:
     predicted_speedup: float
     baseline_error: float  # error scale: the same weights applied to the residuals themselves
     candidates_evaluated: int
+    forecast: dict[str, int] | None = None  # {"n_derivatives", "taylor_threshold"} the plan was judged with
 
 
 def fixed_steps(num_steps: int, segment_starts: Iterable[int] = ()) -> set[int]:
@@ -109,6 +121,11 @@ class PlanReplayer:
         # steps where the run builds a fresh cache (an expert switch); step 0 always is one
         self.segment_starts = sorted({0, *(int(s) for s in segment_starts if 0 <= int(s) < self.num_steps)})
         self.evaluations = 0
+
+    @property
+    def forecast(self) -> dict[str, int]:
+        """The forecast every plan is replayed with, as a params file records it."""
+        return {"n_derivatives": self.n_derivatives, "taylor_threshold": self.taylor_threshold}
 
     @property
     def fixed_steps(self) -> set[int]:
@@ -372,7 +389,37 @@ def tune(
             f"no plan reaches {what} for this {n}-step model: caching cannot help at this setting"
         )
     passes = best_ok.passes(replayer.branches)
-    return TuneResult(best_ok, n * len(replayer.branches) / passes, scale, evaluated)
+    return TuneResult(best_ok, n * len(replayer.branches) / passes, scale, evaluated, replayer.forecast)
+
+
+def forecast_candidates(n_derivatives: int | None, taylor_threshold: int | None) -> list[tuple[int, int]]:
+    """The forecasts to tune for: those of :data:`FORECAST_GRID` that match what is given (None: any);
+    a given pair outside the grid is the only candidate (an unset half takes the seed's default)."""
+    matching = [
+        (n, t) for n, t in FORECAST_GRID
+        if n_derivatives in (None, n) and taylor_threshold in (None, t)
+    ]  # fmt: skip
+    return matching or [(1 if n_derivatives is None else n_derivatives, 2 if taylor_threshold is None else taylor_threshold)]
+
+
+def tune_forecasts(
+    replayer_for: Callable[[int, int], PlanReplayer],
+    params: CacheParams,
+    forecasts: Sequence[tuple[int, int]],
+    **target: Any,
+) -> list[TuneResult]:
+    """:func:`tune` once per forecast (``replayer_for(n_derivatives, taylor_threshold)``), the forecasts
+    that reach the target; TargetUnreachableError only when none does."""
+    results, unreachable = [], None
+    for n, t in forecasts:
+        try:
+            results.append(tune(replayer_for(n, t), params, **target))
+        except TargetUnreachableError as exc:
+            unreachable = exc
+    if not results:
+        assert unreachable is not None
+        raise unreachable
+    return results
 
 
 def tune_budgets(
@@ -398,7 +445,7 @@ def tune_budgets(
         cands = budget_candidates(replayer, params, budget, tolerance, sigmas, intervals, placed.get(budget))
         best = min(cands, key=lambda c: c.predicted_error)
         passes = best.passes(replayer.branches)
-        out[budget] = TuneResult(best, n * len(replayer.branches) / passes, scale, len(cands))
+        out[budget] = TuneResult(best, n * len(replayer.branches) / passes, scale, len(cands), replayer.forecast)
     return out
 
 
@@ -418,6 +465,8 @@ def tuned_params(params: CacheParams, result: TuneResult, num_steps: int, target
     }
     if params.sigmas is not None:
         data["sigmas"] = list(params.sigmas)
+    if result.forecast is not None:  # a cache on these params forecasts as the plan was judged
+        data["forecast"] = dict(result.forecast)
     if chosen.method != "rule":  # a placement or an interval plan: the steps themselves
         data["compute_steps"] = {
             "num_inference_steps": num_steps,

@@ -9,8 +9,15 @@
 The curve is the mean over every token of every prompt of ||r_t|| / ||r_{t-1}|| per branch, with
 the noise level of each step recorded, so runs at other step counts and shifts resample it by
 sigma. With ``--target-speedup`` or ``--max-error`` a second pass records the residuals of the
-first ``--tune-prompts`` prompts and the plan with the least predicted error is written along with
-the curve (or the command says plainly that the target cannot be reached, and writes nothing).
+first ``--tune-prompts`` prompts, and for each forecast (``--order``, ``--taylor-threshold``; unset:
+each of ``FORECAST_GRID``) the plan with the least predicted error is found. The replay judges one
+forecast at a time on the uncached trajectory, so the finalists (every forecast's plan for a
+target speedup, the fastest ones for an error budget) are then run on those prompts, and the one
+whose latents land closest to the
+recording runs' (which computed every step) is written along with the curve, its forecast in the
+file's ``forecast`` so a cache built on the file uses it; or the command says plainly that the
+target cannot be reached, and writes nothing. The check runs cost one cached generation of the
+tune prompts per finalist, at the target's speed.
 
 Request options left unset take the pipeline's own defaults, whatever the family: the calibrator is
 sized by the schedule the pipeline reports for the first request (Qwen-Image's shift, for one,
@@ -39,11 +46,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ditcache.cache.ada_taylor import AdaTaylorConfig
 from ditcache.cache.base import BaseFeatureCache
 from ditcache.cache.calibrator import Calibrator
 from ditcache.cache.recorder import ResidualRecorder
 from ditcache.cache.registry import CacheConfig
-from ditcache.cache.tune import PlanReplayer, TargetUnreachableError, tune, tuned_params
+from ditcache.cache.tune import (
+    FORECAST_GRID,
+    PlanReplayer,
+    TargetUnreachableError,
+    TuneResult,
+    forecast_candidates,
+    tune_forecasts,
+    tuned_params,
+)
 from ditcache.errors import CacheConfigError, DitCacheError
 from ditcache.launch.generate import read_prompts
 from ditcache.launch.models import DTYPES, load_pipeline, model_help, resolve_model
@@ -128,8 +144,15 @@ def build_parser(prog: str = "ditcache calibrate") -> argparse.ArgumentParser:
     tuning.add_argument("--target-speedup", type=float, help="auto-tune a plan with this many times fewer passes")
     tuning.add_argument("--max-error", type=float, help="auto-tune the fastest plan within this predicted error")
     parser.add_argument("--tune-prompts", type=int, default=4, help="prompts whose residuals the tuner replays")
-    parser.add_argument("--order", type=int, default=1, help="n_derivatives the tuned plan is judged with")
-    parser.add_argument("--taylor-threshold", type=int, default=2)
+    parser.add_argument(
+        "--order", type=int,
+        help="n_derivatives the plan is tuned for (default: the tuner chooses among "
+        f"{sorted({n for n, _ in FORECAST_GRID})} by a check run)",
+    )
+    parser.add_argument(
+        "--taylor-threshold", type=int,
+        help=f"taylor_threshold the plan is tuned for (default: the tuner chooses among {sorted({t for _, t in FORECAST_GRID})})",
+    )
     parser.add_argument("--no-progress", action="store_true")
     add_parallel_arguments(parser)
     return parser
@@ -203,6 +226,7 @@ def run(args: argparse.Namespace) -> tuple[Path | None, dict]:
     prompts = read_prompts(args)
     dtype = DTYPES[args.dtype or "float32"]
     check_destination(args, args.model_name)
+    AdaTaylorConfig(n_derivatives=args.order, taylor_threshold=args.taylor_threshold)  # a bad forecast fails here
     with parallel_session(args) as (groups, device):
         mine = replica_batches(prompts, args.batch_size, groups)
         if not mine:  # the same on every rank, so all of them stop here
@@ -231,21 +255,67 @@ def run(args: argparse.Namespace) -> tuple[Path | None, dict]:
             guidance = pipe.settings.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
             recorder = ResidualRecorder(steps, max_tokens=max(1, TUNE_TOKENS // groups.config.sp_degree))
             mine = replica_batches(prompts[: args.tune_prompts], args.batch_size, groups)
-            for i, batch in tqdm(mine, desc="recording", disable=not show):
-                pipe(prompt=batch, seed=args.seed + i, cache=recorder, **common)
-            replayer = PlanReplayer(
-                gather_trajectories(recorder, groups), sigmas, guidance,
-                n_derivatives=args.order, taylor_threshold=args.taylor_threshold,
-            )
+            # the recording runs compute every step: their latents are what a plan is checked against
+            references = [
+                pipe(prompt=batch, seed=args.seed + i, cache=recorder, **common).frames
+                for i, batch in tqdm(mine, desc="recording", disable=not show)
+            ]
+            trajectories = gather_trajectories(recorder, groups)
             params = params_from_dict(data, source=f"calibration of {model_name}")
             target = {"target_speedup": args.target_speedup} if args.target_speedup else {"max_error": args.max_error}
-            result = tune(replayer, params, target_speedup=args.target_speedup, max_error=args.max_error, sigmas=sigmas)
+            results = tune_forecasts(
+                lambda n, t: PlanReplayer(trajectories, sigmas, guidance, n_derivatives=n, taylor_threshold=t),
+                params, forecast_candidates(args.order, args.taylor_threshold),
+                target_speedup=args.target_speedup, max_error=args.max_error, sigmas=sigmas,
+            )
+            check = PlanCheck(pipe, params, steps, mine, references, args.seed, common, groups)
+            result, checked = choose_forecast(results, check, args.max_error is not None, show)
             data = tuned_params(params, result, steps, target)
             data["provenance"]["requests"] = calibrator.result()["provenance"]["requests"]
+            data["provenance"]["tuned"]["forecasts_checked"] = checked
 
         if groups.rank != 0:
             return None, data
         return write_params(data, output_file(args, model_name), overwrite_shipped=args.overwrite_shipped), data
+
+
+class PlanCheck:
+    """Runs a tuned plan with its forecast on the recorded prompts (same seeds) and measures how far its
+    latents land from the recording runs', which computed every step: the replay judges one forecast
+    at a time on the uncached trajectory, a real run also shows how the errors compound. Every rank
+    of a replica holds the same latents, so a sum over all ranks weighs every replica alike."""
+
+    def __init__(self, pipe: Any, params: Any, steps: int, batches: list[tuple[int, list[str]]],
+                 references: list[torch.Tensor], seed: int, common: dict[str, Any], groups: ParallelGroups) -> None:  # fmt: skip
+        self.pipe, self.params, self.steps, self.batches = pipe, params, steps, batches
+        self.references, self.seed, self.common, self.groups = references, seed, common, groups
+
+    def __call__(self, result: TuneResult) -> float:
+        """Mean squared latent error of ``result``'s plan over every recorded prompt (collective)."""
+        tuned = params_from_dict(tuned_params(self.params, result, self.steps, {}), source="<a tuned plan>")
+        config = AdaTaylorConfig(params=tuned)  # the forecast the params record
+        sums = torch.zeros(2, dtype=torch.float64)
+        for (i, batch), reference in zip(self.batches, self.references):
+            out = self.pipe(prompt=batch, seed=self.seed + i, cache=config, **self.common).frames
+            sums += torch.tensor([(out.double() - reference.double()).pow(2).sum().item(), reference.numel()])
+        total = self.groups.world.all_reduce_sum(sums.to(self.groups.device), op="plan check all_reduce").cpu()
+        return float(total[0] / total[1])
+
+
+def choose_forecast(
+    results: list[TuneResult], check: PlanCheck, by_speed: bool, show: bool
+) -> tuple[TuneResult, list[dict]]:
+    """The tuned plan whose check run lands closest to the uncached latents: among all of them for a
+    target speedup (each meets it), among the fastest for an error budget (``by_speed``, where speed
+    is the point); with one finalist no check runs. Returns it and what was checked (for the
+    params' provenance)."""
+    fastest = max(r.predicted_speedup for r in results)  # over the branches the run has
+    finalists = [r for r in results if not by_speed or r.predicted_speedup >= fastest * (1 - 1e-9)]
+    if len(finalists) == 1:
+        return finalists[0], []
+    errors = [check(r) for r in tqdm(finalists, desc="checking plans", disable=not show)]
+    checked = [{**r.forecast, "predicted_error": r.chosen.predicted_error, "check_mse": e} for r, e in zip(finalists, errors)]
+    return finalists[errors.index(min(errors))], checked
 
 
 def summary(path: Path, data: dict) -> str:
@@ -256,7 +326,9 @@ def summary(path: Path, data: dict) -> str:
     )
     tuned = prov.get("tuned")
     if tuned:
-        line += f" | tuned ({tuned['method']}): predicted {tuned['predicted_speedup']:.2f}x fewer passes"
+        forecast = data.get("forecast") or {}
+        line += (f" | tuned ({tuned['method']}, order {forecast.get('n_derivatives')} taylor_threshold "
+                 f"{forecast.get('taylor_threshold')}): predicted {tuned['predicted_speedup']:.2f}x fewer passes")
     return f"{line} | wrote {path}"
 
 

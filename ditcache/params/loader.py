@@ -61,6 +61,9 @@ class CacheParams:
     # tuned placement of the computed steps for one step count: {"num_inference_steps": N,
     # "cond": [...], "uncond": [...]}; used instead of the threshold rule when a run has N steps
     compute_steps: dict[str, Any] | None = None
+    # the forecast a tuned plan was chosen with: {"n_derivatives": n, "taylor_threshold": t}; a cache
+    # built on these params uses it unless it is given its own
+    forecast: dict[str, int] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
 
@@ -258,6 +261,20 @@ def _check_compute_steps(value: Any, source: str) -> dict[str, Any] | None:
     return out
 
 
+def _check_forecast(value: Any, source: str) -> dict[str, int] | None:
+    if value is None:
+        return None
+    least = {"n_derivatives": 0, "taylor_threshold": 1}
+    if not isinstance(value, dict) or set(value) != set(least) or any(
+        isinstance(value[k], bool) or not isinstance(value[k], int) or value[k] < low for k, low in least.items()
+    ):
+        raise ParamsError(
+            f"{source}: 'forecast' must be {{\"n_derivatives\": integer >= 0, \"taylor_threshold\": integer >= 1}}, "
+            f"got {value!r}"
+        )
+    return {k: int(value[k]) for k in least}
+
+
 def params_from_dict(data: Any, source: str = "<params>", default_model_type: str = "custom") -> CacheParams:
     """Validate a params mapping; every error names ``source`` and the offending key."""
     if not isinstance(data, dict):
@@ -319,6 +336,7 @@ def params_from_dict(data: Any, source: str = "<params>", default_model_type: st
         boundary_ratio=None if boundary is None else float(boundary),
         default_shift=None if default_shift is None else float(default_shift),
         compute_steps=_check_compute_steps(data.get("compute_steps"), source),
+        forecast=_check_forecast(data.get("forecast"), source),
         provenance=dict(data.get("provenance") or {}),
         path=None if source.startswith("<") else source,
     )

@@ -185,8 +185,8 @@ CacheArg = Union[str, CacheConfig, BaseFeatureCache, Mapping[str, BaseFeatureCac
 def cache_from_arguments(
     cache: CacheArg,
     enable_ada_taylor_cache: bool,
-    ada_taylor_n_derivatives: int,
-    ada_taylor_taylor_threshold: int,
+    ada_taylor_n_derivatives: int | None,
+    ada_taylor_taylor_threshold: int | None,
     model_type: str | None,
 ) -> CacheArg:
     """The request's ``cache=``, or the AdaTaylorConfig the seed keywords describe.

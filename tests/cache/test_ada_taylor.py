@@ -1,5 +1,6 @@
 """AdaTaylorCache: Taylor exactness on polynomial residuals, fallback, branch isolation, reset, errors."""
 
+import dataclasses
 import math
 
 import pytest
@@ -195,6 +196,28 @@ def test_bad_arguments(kw, exc, match):
     args.update(kw)
     with pytest.raises(exc, match=match):
         AdaTaylorCache(**args)
+
+
+def test_forecast_is_as_given_else_as_the_params_record_it_else_the_default():
+    from ditcache.cache import AdaTaylorConfig
+    from ditcache.params import load_params
+
+    shipped = load_params("Wan2.1-T2V-1.3B")
+    assert shipped.forecast is None
+    tuned = dataclasses.replace(shipped, forecast={"n_derivatives": 2, "taylor_threshold": 6})
+
+    def forecast(**kw):
+        cache = AdaTaylorCache(num_inference_steps=50, **kw)
+        return cache.n_derivatives, cache.taylor_threshold
+
+    assert forecast(params=shipped) == (1, 2)  # the seed's defaults
+    assert forecast(params=tuned) == (2, 6)  # the tuner's choice travels with its plan
+    assert forecast(params=tuned, n_derivatives=0) == (0, 6)  # each half as given wins
+    assert forecast(params=tuned, taylor_threshold=3) == (2, 3)
+    built = AdaTaylorConfig(params=tuned).build(50)
+    assert (built.n_derivatives, built.taylor_threshold) == (2, 6)
+    with pytest.raises(CacheConfigError, match="taylor_threshold"):
+        AdaTaylorConfig(params=tuned, taylor_threshold=0)
 
 
 def test_explicit_params_errors():

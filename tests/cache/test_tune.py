@@ -8,12 +8,15 @@ import torch
 from ditcache.cache import AdaTaylorCache
 from ditcache.cache.recorder import ResidualRecorder
 from ditcache.cache.tune import (
+    FORECAST_GRID,
     PlanReplayer,
     TargetUnreachableError,
+    forecast_candidates,
     interval_candidates,
     rule_candidates,
     tune,
     tune_budgets,
+    tune_forecasts,
     tuned_params,
 )
 from ditcache.params import params_from_dict
@@ -147,3 +150,32 @@ def test_placement_is_one_plan_for_both_branches_and_local_search_only_helps():
     polished = local_search(joint, 30, start, {0, 29})
     assert len(polished) == len(start) and {0, 29} <= set(polished)
     assert joint(polished) <= joint(start)
+
+
+def test_forecast_candidates_are_the_grid_entries_matching_what_is_given():
+    assert forecast_candidates(None, None) == list(FORECAST_GRID)
+    assert forecast_candidates(1, None) == [(1, 2), (1, 3), (1, 6)]
+    assert forecast_candidates(None, 6) == [(1, 6), (2, 6)]
+    assert forecast_candidates(1, 2) == [(1, 2)]
+    assert forecast_candidates(0, None) == [(0, 2)]  # outside the grid: the pair as given
+    assert forecast_candidates(3, 4) == [(3, 4)]
+
+
+def test_each_forecast_is_tuned_and_its_params_record_it():
+    rec = recorded()
+    trajectories = {c: rec.trajectories(c) for c in (True, False)}
+
+    def replayer_for(n, t):
+        return PlanReplayer(trajectories, sigmas(30), 4.0, n_derivatives=n, taylor_threshold=t)
+
+    results = tune_forecasts(replayer_for, params(), FORECAST_GRID, target_speedup=2.5)
+    assert [(r.forecast["n_derivatives"], r.forecast["taylor_threshold"]) for r in results] == list(FORECAST_GRID)
+    for (n, t), result in zip(FORECAST_GRID, results):
+        alone = tune(replayer_for(n, t), params(), target_speedup=2.5)
+        assert result.chosen.compute_steps == alone.chosen.compute_steps
+        data = tuned_params(params(), result, 30, {"target_speedup": 2.5})
+        assert data["forecast"] == {"n_derivatives": n, "taylor_threshold": t}
+        cache = AdaTaylorCache(params=params_from_dict(data), num_inference_steps=30)
+        assert (cache.n_derivatives, cache.taylor_threshold) == (n, t)
+    with pytest.raises(TargetUnreachableError):
+        tune_forecasts(replayer_for, params(), FORECAST_GRID, target_speedup=40.0)  # 1 step per branch

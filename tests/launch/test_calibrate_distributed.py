@@ -88,11 +88,21 @@ def test_every_layout_writes_the_single_process_curve_once(name, model, single, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{r}.json" for r in ("guided", "off")[: len(runs)])
 
 
-def test_torchrun_calibrate_with_auto_tune_on_two_ranks(model, tmp_path):
+@pytest.mark.parametrize("layout", [["--cfg-parallel", "2"], []], ids=["cfg2", "dp2"])
+def test_torchrun_auto_tune_chooses_what_one_process_chooses(model, tmp_path, layout):
+    """The tuner's check runs (every forecast's plan, run on the recorded prompts) are measured over
+    the CFG pair or over the replicas' prompts and pooled: two ranks choose and write what one does."""
+    tune = ["--target-speedup", "2", "--tune-prompts", str(len(PROMPTS))]
+    _, alone = _calibrate(_args(model, tmp_path / "alone.json", *tune))
     out = tmp_path / "tuned.json"
-    run = torchrun("calibrate.py", 2, *_args(model, out, "--cfg-parallel", "2", "--max-error", "1e9"))
+    run = torchrun("calibrate.py", 2, *_args(model, out, *layout, *tune))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote") == 1 and f"wrote {out}" in run.stdout
     data = json.loads(out.read_text())
-    assert data["provenance"]["tuned"]["method"] in ("rule", "placement")
     assert data["provenance"]["requests"] == {"cond": len(PROMPTS), "uncond": len(PROMPTS)}
+    assert data["forecast"] == alone["forecast"] and data.get("compute_steps") == alone.get("compute_steps")
+    checked = data["provenance"]["tuned"]["forecasts_checked"]
+    expected = alone["provenance"]["tuned"]["forecasts_checked"]
+    assert len(checked) == len(expected) > 1
+    for mine, theirs in zip(checked, expected):
+        assert mine["check_mse"] == pytest.approx(theirs["check_mse"], rel=1e-4)

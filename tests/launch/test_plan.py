@@ -42,3 +42,13 @@ def test_the_printed_plan_is_what_the_pipeline_runs(model_dir, params, boundary)
     assert ran == result["compute_steps"]
     passes = sum(run.total_stack_passes().values())
     assert passes == result["block_passes"]["cached"]
+
+
+def test_the_printed_forecast_is_the_params_tuned_one_unless_given(tmp_path):
+    shipped = SHIPPED_PARAMS_DIR / "Reference-Digits.json"
+    assert plan("--params-file", str(shipped))["forecast"] == {"n_derivatives": 1, "taylor_threshold": 2}
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({**json.loads(shipped.read_text()), "forecast": {"n_derivatives": 2, "taylor_threshold": 6}}))
+    assert plan("--params-file", str(tuned))["forecast"] == {"n_derivatives": 2, "taylor_threshold": 6}
+    given = plan("--params-file", str(tuned), "--n-derivatives", "1")
+    assert given["forecast"] == {"n_derivatives": 1, "taylor_threshold": 6}

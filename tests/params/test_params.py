@@ -73,6 +73,10 @@ def test_user_dir_overrides_and_extends(tmp_path, monkeypatch):
         (dict(retention_ratio=1.0), "'retention_ratio'"),
         (dict(thresh=-0.1), "'thresh'"),
         (dict(num_inference_steps=50), "'num_inference_steps' is 50"),
+        (dict(forecast={"n_derivatives": 1}), "'forecast'"),
+        (dict(forecast={"n_derivatives": 1, "taylor_threshold": 0}), "'forecast'"),
+        (dict(forecast={"n_derivatives": -1, "taylor_threshold": 2}), "'forecast'"),
+        (dict(forecast=[1, 2]), "'forecast'"),
     ],
 )
 def test_validation_names_file_and_key(tmp_path, overrides, match):
