@@ -51,7 +51,7 @@ def tuned_file(model: str, steps: int, target: float, shift: float, out: Path, *
 def cell(model: str, steps: int, target: float, args: argparse.Namespace, runner: Runner, tmp: Path) -> dict:
     rows = {}
     for name, extra in (("fixed", FIXED), ("checked", ())):
-        path = tuned_file(model, steps, target, args.shift, tmp / f"{name}.json", *extra)
+        path = tuned_file(model, steps, target, args.shift, tmp / f"{model}-{steps}-{target:g}-{name}.json", *extra)
         params = load_params(path)
         rows[name] = runner.row(AdaTaylorConfig(params=params), forecast=params.forecast,
                                 checked=params.provenance["tuned"]["forecasts_checked"])  # fmt: skip

@@ -31,6 +31,7 @@ import torch
 
 import ditcache
 from ditcache.cache import TeaCacheConfig
+from ditcache.cache.tune import FORECAST_GRID
 from ditcache.params import params_from_dict
 
 from bench import peers
@@ -60,9 +61,7 @@ class Grid:
     pab_spatial: list[int | None]
     pab_cross: list[int | None]
     tune_targets: list[float]  # ideal speedups the tuner is asked for (plus floor/ceil budgets at each band)
-    # (n_derivatives, taylor_threshold) the tuner chooses among; a taylor_threshold of 6 lets the
-    # forecast reach across the long gaps of low budgets (4 computed steps of 20 leave gaps of 4-11)
-    tune_orders: list[tuple[int, int]]
+    tune_orders: list[tuple[int, int]]  # (n_derivatives, taylor_threshold) the tuner chooses among
 
 
 FULL_GRID = Grid(
@@ -81,7 +80,7 @@ FULL_GRID = Grid(
     pab_spatial=[None, 2, 3, 4],
     pab_cross=[None, 2, 4, 8],
     tune_targets=[1.3, 2.5, 3.5, 4.5],
-    tune_orders=[(1, 2), (1, 3), (1, 6), (2, 2), (2, 3), (2, 6)],
+    tune_orders=list(FORECAST_GRID),  # the forecasts `ditcache calibrate` tunes for
 )
 QUICK_GRID = Grid(  # 5-9 screened settings per method: within 2x of each other, as in the full grid
     teacache_thresh=[0.1, 0.2, 0.3, 0.45, 0.7, 1.5],

@@ -52,7 +52,7 @@ WARMUP_GRID = (1, 2, 3, 4, 5, 6, 8)
 
 # (n_derivatives, taylor_threshold) a tuned plan may be judged with. A taylor_threshold of 6 lets the
 # forecast reach across the long gaps of low budgets (4 computed steps of 20 leave gaps of 4-11).
-FORECAST_GRID = ((1, 2), (1, 3), (1, 6), (2, 3), (2, 6))
+FORECAST_GRID = ((1, 2), (1, 3), (1, 6), (2, 2), (2, 3), (2, 6))
 
 
 class TargetUnreachableError(CacheConfigError):

@@ -10,11 +10,12 @@ from ditcache.cache.tune import FORECAST_GRID
 from bench import forecast_check
 
 
-def test_one_small_cell_compares_the_checked_forecast_with_the_fixed_one(tmp_path):
+def test_small_cells_compare_the_checked_forecast_with_the_fixed_one(tmp_path):
     out = tmp_path / "check.json"
-    forecast_check.main(["--models", "reference", "--steps", "10", "--targets", "2.5", "--samples", "2",
+    forecast_check.main(["--models", "reference", "--steps", "10", "--targets", "2.5", "2", "--samples", "2",
                          "--out", str(out)])  # fmt: skip
-    [row] = json.loads(out.read_text())["results"]
+    row, other = json.loads(out.read_text())["results"]
+    assert other["fixed_compute_fraction"] == other["checked_compute_fraction"] == 0.5
     assert row["fixed_forecast"] == {"n_derivatives": 1, "taylor_threshold": 2}
     checked = row["checked_candidates"]
     assert [(c["n_derivatives"], c["taylor_threshold"]) for c in checked] == list(FORECAST_GRID)
