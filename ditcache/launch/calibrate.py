@@ -256,15 +256,19 @@ def run(args: argparse.Namespace) -> tuple[Path | None, dict]:
             recorder = ResidualRecorder(steps, max_tokens=max(1, TUNE_TOKENS // groups.config.sp_degree))
             mine = replica_batches(prompts[: args.tune_prompts], args.batch_size, groups)
             # the recording runs compute every step: their latents are what a plan is checked against
-            references = [
-                pipe(prompt=batch, seed=args.seed + i, cache=recorder, **common).frames
+            recorded = [
+                pipe(prompt=batch, seed=args.seed + i, cache=recorder, **common)
                 for i, batch in tqdm(mine, desc="recording", disable=not show)
             ]
+            references = [out.frames for out in recorded]
+            # an expert switch starts a fresh cache that computes its first step: every plan does too
+            starts = sorted(steps[0] for steps in recorded[0].expert_steps.values() if steps)
             trajectories = gather_trajectories(recorder, groups)
             params = params_from_dict(data, source=f"calibration of {model_name}")
             target = {"target_speedup": args.target_speedup} if args.target_speedup else {"max_error": args.max_error}
             results = tune_forecasts(
-                lambda n, t: PlanReplayer(trajectories, sigmas, guidance, n_derivatives=n, taylor_threshold=t),
+                lambda n, t: PlanReplayer(trajectories, sigmas, guidance, n_derivatives=n, taylor_threshold=t,
+                                          segment_starts=starts),
                 params, forecast_candidates(args.order, args.taylor_threshold),
                 target_speedup=args.target_speedup, max_error=args.max_error, sigmas=sigmas,
             )

@@ -13,16 +13,16 @@ from ditcache import AdaTaylorConfig
 from ditcache.cache.tune import FORECAST_GRID
 from ditcache.families import load_pipeline
 from ditcache.launch import calibrate
-from ditcache.models import REFERENCE_DIGITS
+from ditcache.models import REFERENCE_DIGITS, REFERENCE_DIGITS_MOE
 from ditcache.params import load_params
 
 PROMPTS = ["a handwritten 3", "a handwritten 7"]
 REQUEST = {"num_inference_steps": 20, "sigma_shift": 5.0}
 
 
-def _calibrate(tmp_path, *extra: str) -> dict:
+def _calibrate(tmp_path, *extra: str, model: str = "reference") -> dict:
     out = tmp_path / "tuned.json"
-    argv = ["--model", "reference", "--steps", "20", "--shift", "5", "--no-progress", "--output", str(out),
+    argv = ["--model", model, "--steps", "20", "--shift", "5", "--no-progress", "--output", str(out),
             *(a for p in PROMPTS for a in ("--prompt", p)), *extra]  # fmt: skip
     assert calibrate.main(argv) == 0
     return json.loads(out.read_text())
@@ -84,3 +84,17 @@ def test_a_bad_forecast_is_one_line_before_anything_loads(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "taylor_threshold must be an integer >= 1" in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_two_expert_plan_computes_the_switch_and_runs_at_the_target(tmp_path):
+    """The low-noise expert starts a fresh cache, which computes its first step: the tuner places the
+    budget around that step, so the run makes exactly the passes the target asks for."""
+    torch.set_num_threads(1)
+    data = _calibrate(tmp_path, "--target-speedup", "5", "--order", "1", "--taylor-threshold", "2", model="reference-moe")
+    pipe = load_pipeline(REFERENCE_DIGITS_MOE)
+    out = pipe(prompt=PROMPTS, seed=1000, output_type="latent", progress=False,
+               cache=AdaTaylorConfig(params=load_params(tmp_path / "tuned.json")), **REQUEST)  # fmt: skip
+    switch = out.expert_steps["transformer_2"][0]
+    ran = {name: branch["computed_steps"] for name, branch in out.telemetry()["branches"].items()}
+    assert 0 < switch < 19 and all(switch in steps for steps in ran.values())
+    assert out.total_stack_passes() == {"cond": 4, "uncond": 4}
