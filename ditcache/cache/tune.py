@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ditcache.cache.ada_taylor import DEFAULT_TAYLOR_FORM, AdaTaylorCache
+from ditcache.cache.ada_taylor import DEFAULT_FORECAST, DEFAULT_TAYLOR_FORM, AdaTaylorCache
 from ditcache.cache.fixed_interval import fixed_interval_plan
 from ditcache.cache.schedule import compute_skip_schedule, resample_by_sigma, resample_nearest
 from ditcache.errors import CacheConfigError
@@ -399,7 +399,9 @@ def forecast_candidates(n_derivatives: int | None, taylor_threshold: int | None)
         (n, t) for n, t in FORECAST_GRID
         if n_derivatives in (None, n) and taylor_threshold in (None, t)
     ]  # fmt: skip
-    return matching or [(1 if n_derivatives is None else n_derivatives, 2 if taylor_threshold is None else taylor_threshold)]
+    given = (n_derivatives, taylor_threshold)
+    default = (DEFAULT_FORECAST["n_derivatives"], DEFAULT_FORECAST["taylor_threshold"])
+    return matching or [tuple(d if g is None else g for g, d in zip(given, default))]
 
 
 def tune_forecasts(
