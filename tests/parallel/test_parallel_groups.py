@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from ditcache.errors import CacheConfigError
 from ditcache.parallel import CfgParallel, ParallelConfig, ParallelGroups, RankCoords, init_parallel
+from ditcache.parallel.groups import destroy_parallel
 from ditcache.parallel.testing import run_ranks, values_or_raise
 
 
@@ -137,3 +140,26 @@ def test_groups_per_rank(world, cfg_degree, sp_degree):
             assert probe["gathered"] == [10.0, 4.0]  # (cond, uncond) on every rank
             assert probe["combined"] == [13.0] * 3
             assert "needs classifier-free guidance" in probe["guidance_off_error"]
+
+
+def _sessions(rank: int, world: int, slow: int) -> list[float]:
+    """Three set-ups and tear-downs in a row in the same ranks, ``slow`` leaving each one late."""
+    sums = []
+    for session in range(3):
+        groups = init_parallel(1, 1, timeout_s=60)
+        value = torch.tensor([float(rank + session)])
+        dist.all_reduce(value)
+        sums.append(float(value))
+        if rank == slow:
+            time.sleep(1.0)  # the others are already joining the next session
+        destroy_parallel(groups)
+    return sums
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("slow", [0, 1], ids=["store-host-late", "peer-late"])
+def test_a_process_can_set_up_groups_again(slow):
+    """A second join in the same processes forms a new group of the same ranks: an early rank neither
+    rebinds the store's port nor matches the first group's keys (it waits for its own session's peers)."""
+    sums = values_or_raise(run_ranks(_sessions, 4, slow, timeout_s=240))
+    assert sums == [[6.0, 10.0, 14.0]] * 4
