@@ -3,8 +3,9 @@
 At 4 computed steps of 20 per branch (5x fewer block passes) the quality benchmark finds ours and
 TeaCache's rule level, with intervals that straddle zero. This script asks whether a better plan
 exists for ditcache's forecaster to find. Per reference model it runs *every* plan with ``budget``
-computed steps per branch (one plan for both branches; every plan computes the first and last step
-and each expert's first, as every tuned placement does) through AdaTaylorCache with each forecast
+computed steps per branch (one plan for both branches; every plan computes the first step and each
+expert's first, as every tuned placement does; ``--last-step``: only plans that also compute the
+last step, the space before tuned plans could leave it out) through AdaTaylorCache with each forecast
 of ``FORECASTS`` (plain residual reuse, order-1 Taylor with taylor_threshold 2 and 3), on the
 quality benchmark's evaluation samples. Beside them: the tuner's own choices at this budget (tuned
 on the calibration samples, as the quality benchmark does) and TeaCache's rule over a dense
@@ -15,7 +16,7 @@ on what any plan choice (ours or anyone's) could reach with these forecasts, not
 TeaCache's decision signal on this model family is the timestep modulation, the same for every
 sample and both branches, so its schedule is a fixed plan too; the JSON records it.
 
-    python -m bench.plan_ceiling [--steps 20] [--budget 4] [--samples 12] [--models ...]
+    python -m bench.plan_ceiling [--steps 20] [--budget 4] [--samples 12] [--last-step] [--models ...]
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ TEACACHE_THRESH = tuple(round(0.05 * 1.15**i, 4) for i in range(24))  # 0.05 .. 
 TEACACHE_WARMUP = (1, 2, 3)
 
 
-def all_plans(work: Workload, budget: int) -> list[list[int]]:
-    """Every plan with ``budget`` computed steps that computes the steps every placement computes."""
+def all_plans(work: Workload, budget: int, last_step: bool) -> list[list[int]]:
+    """Every plan with ``budget`` computed steps that computes the steps every placement computes
+    (and the last one, with ``last_step``)."""
     fixed = fixed_steps(work.steps, (work.first_step(e) for e in work.used_experts()))
+    fixed |= {work.steps - 1} if last_step else set()
     free = [s for s in range(work.steps) if s not in fixed]
     if budget < len(fixed):
         raise SystemExit(f"error: --budget {budget} is below the {len(fixed)} steps every plan computes ({sorted(fixed)})")
@@ -97,7 +100,7 @@ def model_result(model: str, args: argparse.Namespace, log: ElapsedLog) -> dict:
     calib_batch = make_batch(8, CALIB_SEED)
     calib = calibrate(work, calib_batch)
     runner = Runner(work, make_samples(args.samples, EVAL_SEED))
-    plans = all_plans(work, args.budget)
+    plans = all_plans(work, args.budget, args.last_step)
     log(f"[{model}] {len(plans)} plans x {len(FORECASTS)} forecasts on {args.samples} samples")
     rows = []
     for k, (plan, (order, tt)) in enumerate(itertools.product(plans, FORECASTS)):
@@ -138,7 +141,7 @@ def summarize(model: str, args: argparse.Namespace, rows: list[dict], tuner_rows
         return {k: row[k] for k in keep} | {"rank": 1 + sum(p > row["psnr"] for p in ranked)}
 
     return {
-        "model": model, "steps": args.steps, "budget": args.budget, "speedup": round(band, 4),
+        "model": model, "steps": args.steps, "budget": args.budget, "speedup": round(band, 4), "last_step": args.last_step,
         "plans": len(rows) // len(FORECASTS), "runs": len(rows),
         "best_plan": brief(best) | {"vs_teacache": against_tea(best)},
         "tuner": [brief(r) | {"vs_teacache": against_tea(r)} for r in tuner_rows],
@@ -156,6 +159,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--budget", type=int, default=4, help="computed steps per branch (default 4: 5x at 20 steps)")
     parser.add_argument("--samples", type=int, default=12, help="evaluation samples (the quality benchmark's seeds)")
+    parser.add_argument("--last-step", action="store_true", help="only plans that compute the last step")
     parser.add_argument("--shift", type=float, default=5.0)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "plan_ceiling.json")

@@ -65,19 +65,20 @@ class Grid:
 
 
 FULL_GRID = Grid(
-    teacache_thresh=[0.04, 0.08, 0.13, 0.2, 0.3, 0.45, 0.7, 1.1],
+    teacache_thresh=[0.04, 0.06, 0.08, 0.13, 0.2, 0.3, 0.45, 0.7, 1.1],
     teacache_warmup_frac=[0.05, 0.15],
-    fbc_thresh=[0.03, 0.05, 0.08, 0.11, 0.15, 0.2, 0.26, 0.34, 0.45, 0.6, 0.8, 1.0],
+    fbc_thresh=[0.03, 0.04, 0.05, 0.065, 0.08, 0.11, 0.13, 0.15, 0.175, 0.2, 0.26, 0.3, 0.34, 0.45, 0.52, 0.6, 0.8,
+                1.0],
     mag_thresh=[0.02, 0.05, 0.1, 0.2, 0.4, 1.0],
     mag_K=[2, 4],
     mag_retention=[0.1, 0.2],
     ts_interval=[2, 3, 4, 5, 6, 8],
     ts_warmup=[1, 4],
     ts_order=[1, 2],
-    sea_thresh=[0.05, 0.1, 0.2, 0.35, 0.6, 1.0],
+    sea_thresh=[0.05, 0.075, 0.1, 0.15, 0.2, 0.35, 0.6, 1.0, 1.6],
     sea_order=[1],
     sea_max_consecutive=[2, 5],
-    pab_spatial=[None, 2, 3, 4],
+    pab_spatial=[None, 2, 3, 4, 6],
     pab_cross=[None, 2, 4, 8],
     tune_targets=[1.3, 2.5, 3.5, 4.5],
     tune_orders=list(FORECAST_GRID),  # the forecasts `ditcache calibrate` tunes for

@@ -52,7 +52,9 @@ WARMUP_GRID = (1, 2, 3, 4, 5, 6, 8)
 
 # (n_derivatives, taylor_threshold) a tuned plan may be judged with. A taylor_threshold of 6 lets the
 # forecast reach across the long gaps of low budgets (4 computed steps of 20 leave gaps of 4-11).
-FORECAST_GRID = ((1, 2), (1, 3), (1, 6), (2, 2), (2, 3), (2, 6))
+# Order 0 (reuse the last residual; taylor_threshold plays no part) is there for the tail of such
+# plans: after an expert switch only two computed steps far apart are left to extrapolate from.
+FORECAST_GRID = ((0, 2), (1, 2), (1, 3), (1, 6), (2, 2), (2, 3), (2, 6))
 
 
 class TargetUnreachableError(CacheConfigError):
@@ -82,9 +84,11 @@ class TuneResult:
 
 
 def fixed_steps(num_steps: int, segment_starts: Iterable[int] = ()) -> set[int]:
-    """Steps every placement computes: the first and the last (a params file's plan must hold both
-    ends), and each segment's first (an expert switch builds a fresh cache)."""
-    return {0, num_steps - 1, *segment_starts}
+    """Steps every placement computes: the first (nothing to forecast from before it) and each
+    segment's first (an expert switch builds a fresh cache). The last step is free: its error enters
+    the sample scaled by the last sigma, the smallest interval of the run, so at a low budget its
+    compute is often worth more earlier (the replay weighs that like any other step)."""
+    return {0, *(s for s in segment_starts if 0 <= s < num_steps)}
 
 
 class PlanReplayer:
@@ -220,26 +224,28 @@ def thresh_for_budget(
     return min(grid, key=lambda t: (abs(len(compute_skip_schedule(curve, num_steps, K, t, retention_ratio)) - budget), t))
 
 
-def interval_plan(replayer: PlanReplayer, interval: int, warmup: int) -> list[int]:
+def interval_plan(replayer: PlanReplayer, interval: int, warmup: int, last_step: bool = False) -> list[int]:
     """TaylorSeer's uniform-interval plan, restarted (warm-up included) in every segment, as the
-    ``taylorseer_interval`` cache does per expert, plus the last step (a placement computes both ends)."""
+    ``taylorseer_interval`` cache does per expert; ``last_step``: with the run's last step added."""
     plan: list[int] = []
     for start in replayer.segment_starts:
         _, end = replayer.segment_of(start)
         plan += [s for s in fixed_interval_plan(end, interval, warmup, start) if s < end]
-    return sorted({*plan, replayer.num_steps - 1})
+    return sorted({*plan, *([replayer.num_steps - 1] if last_step else [])})
 
 
 def interval_candidates(replayer: PlanReplayer, budget: int, tolerance: float) -> list[Candidate]:
-    """Uniform-interval plans (interval x warm-up grids) with between ``budget * (1 - tolerance)`` and
-    ``budget`` computes per branch: the plans TaylorSeer's fixed schedule can make."""
+    """Uniform-interval plans (interval x warm-up grids, each as it is and with the last step added)
+    with between ``budget * (1 - tolerance)`` and ``budget`` computes per branch: the plans
+    TaylorSeer's fixed schedule can make, and the same plans ending on a computed step."""
     seen: dict[tuple, Candidate] = {}
-    for interval, warmup in itertools.product(INTERVAL_GRID, WARMUP_GRID):
-        steps = interval_plan(replayer, interval, warmup)
+    for interval, warmup, last in itertools.product(INTERVAL_GRID, WARMUP_GRID, (False, True)):
+        steps = interval_plan(replayer, interval, warmup, last)
         if not budget * (1 - tolerance) <= len(steps) <= budget or tuple(steps) in seen:
             continue
         seen[tuple(steps)] = Candidate(
-            "interval", {True: steps, False: list(steps)}, math.nan, {"interval": interval, "warmup": warmup}
+            "interval", {True: steps, False: list(steps)}, math.nan,
+            {"interval": interval, "warmup": warmup, "last_step": last},
         )
     for cand in seen.values():
         cand.predicted_error = replayer.error(cand.compute_steps)
@@ -301,7 +307,7 @@ def local_search(
                 continue
             for delta in (d for r in range(1, reach + 1) for d in (-r, r)):
                 moved = step + delta
-                if not 0 < moved < num_steps - 1 or moved in current:
+                if not 0 < moved < num_steps or moved in current:
                     continue
                 trial = sorted([s for s in current if s != step] + [moved])
                 err = error(trial)
@@ -358,11 +364,12 @@ def tune(
         if target_speedup < 1:
             raise CacheConfigError(f"target_speedup must be >= 1, got {target_speedup}")
         budget = max(1, round(n / target_speedup))
-        if budget < 2 and n > 1:
+        least = max(2, len(replayer.fixed_steps))
+        if budget < least and n > 1:
             raise TargetUnreachableError(
                 f"a {target_speedup}x speedup of a {n}-step run leaves {budget} computed step(s) per branch; "
-                "the first and last steps must compute, so at most "
-                f"{n / 2:.2f}x is possible here (few-step models gain little from caching)"
+                f"a forecast needs at least {least} (the first step, a second to extrapolate from, each "
+                f"expert's first), so at most {n / least:.2f}x is possible here (few-step models gain little from caching)"
             )
         budgets = [budget]
     else:
@@ -436,9 +443,9 @@ def tune_budgets(
 ) -> dict[int, TuneResult]:
     """:func:`tune` at several budgets (computed steps per branch) at once, sharing one greedy pass.
 
-    Budgets below what the run must compute (first and last step, each segment's first) are dropped."""
+    Budgets below what the run must compute (the first step and one more, each segment's first) are dropped."""
     n = replayer.num_steps
-    least = len(replayer.fixed_steps)
+    least = max(2, len(replayer.fixed_steps))
     budgets = sorted({int(b) for b in budgets if least <= b < n}, reverse=True)
     placed = placement_candidates(replayer, budgets) if place_steps and budgets else {}
     scale = replayer.signal_scale()

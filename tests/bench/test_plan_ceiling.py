@@ -18,13 +18,18 @@ def _work(steps: int, expert_steps: dict[str, list[int]]) -> Workload:
     return Workload("w", "w", None, steps, 5.0, 4.0, expert_steps, 2)
 
 
-def test_every_plan_computes_the_ends_and_each_expert_start():
-    one = plan_ceiling.all_plans(_work(8, {"transformer": list(range(8))}), 3)
-    assert len(one) == math.comb(6, 1) and all(p[0] == 0 and p[-1] == 7 and len(p) == 3 for p in one)
-    two = plan_ceiling.all_plans(_work(8, {"transformer": [0, 1, 2, 3], "transformer_2": [4, 5, 6, 7]}), 4)
-    assert len(two) == math.comb(5, 1) and all({0, 4, 7} <= set(p) and len(p) == 4 for p in two)
+def test_every_plan_computes_the_first_step_and_each_expert_start():
+    one = plan_ceiling.all_plans(_work(8, {"transformer": list(range(8))}), 3, last_step=False)
+    assert len(one) == math.comb(7, 2) and all(p[0] == 0 and len(p) == 3 for p in one)
+    assert [0, 1, 2] in one  # the last step is left to the forecast in some plans
+    ends = plan_ceiling.all_plans(_work(8, {"transformer": list(range(8))}), 3, last_step=True)
+    assert len(ends) == math.comb(6, 1) and all(p[0] == 0 and p[-1] == 7 and len(p) == 3 for p in ends)
+    moe = _work(8, {"transformer": [0, 1, 2, 3], "transformer_2": [4, 5, 6, 7]})
+    two = plan_ceiling.all_plans(moe, 4, last_step=False)
+    assert len(two) == math.comb(6, 2) and all({0, 4} <= set(p) and len(p) == 4 for p in two)
+    assert len(plan_ceiling.all_plans(moe, 4, last_step=True)) == math.comb(5, 1)
     with pytest.raises(SystemExit, match="below the 3 steps every plan computes"):
-        plan_ceiling.all_plans(_work(8, {"transformer": [0, 1, 2, 3], "transformer_2": [4, 5, 6, 7]}), 2)
+        plan_ceiling.all_plans(moe, 2, last_step=True)
 
 
 def _row(psnr: float, fraction: float, mse: list[float], **fields) -> dict:
@@ -32,7 +37,7 @@ def _row(psnr: float, fraction: float, mse: list[float], **fields) -> dict:
 
 
 def test_summary_ranks_the_tuner_and_interpolates_teacache():
-    args = argparse.Namespace(steps=8, budget=2)
+    args = argparse.Namespace(steps=8, budget=2, last_step=False)
     rows = [_row(p, 0.25, [10 ** (-p / 10)] * 3, plan=[0, s, 7], n_derivatives=1, taylor_threshold=2)
             for p, s in ((20.0, 2), (26.0, 3), (23.0, 4))]  # fmt: skip
     tuner = [dict(rows[2])]
@@ -51,7 +56,7 @@ def test_small_run_writes_every_plan_and_the_tuner_is_among_them(tmp_path, capsy
     out = tmp_path / "ceiling.json"
     plan_ceiling.main(["--models", "reference-digits", "--steps", "6", "--budget", "3", "--samples", "2", "--out", str(out)])
     result = json.loads(out.read_text())["results"][0]
-    assert result["plans"] == math.comb(4, 1) and result["runs"] == 4 * len(plan_ceiling.FORECASTS)
+    assert result["plans"] == math.comb(5, 2) and result["runs"] == 10 * len(plan_ceiling.FORECASTS)
     best = max(p["psnr"] for p in result["all_plans"])
     assert result["best_plan"]["psnr"] == best
     plans = {tuple(p["plan"]) for p in result["all_plans"]}

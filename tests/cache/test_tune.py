@@ -1,14 +1,18 @@
 """Auto-tuning on recorded residual trajectories: budgets, placement, unreachable targets."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
 from ditcache.cache import AdaTaylorCache
+from ditcache.cache.fixed_interval import fixed_interval_plan
 from ditcache.cache.recorder import ResidualRecorder
 from ditcache.cache.tune import (
     FORECAST_GRID,
+    INTERVAL_GRID,
+    WARMUP_GRID,
     PlanReplayer,
     TargetUnreachableError,
     forecast_candidates,
@@ -99,11 +103,16 @@ def test_tuned_plan_is_never_worse_than_the_best_uniform_interval_plan(target):
     budget = round(30 / target)
     intervals = interval_candidates(replayer, budget, 0.1)
     assert intervals and all(c.method == "interval" for c in intervals)
+    plans = {tuple(c.compute_steps[True]) for c in intervals}
+    for interval, warmup in itertools.product(INTERVAL_GRID, WARMUP_GRID):
+        exact = fixed_interval_plan(30, interval, warmup)  # what the taylorseer_interval cache runs
+        if budget * 0.9 <= len(exact) <= budget:
+            assert tuple(exact) in plans
     for cand in intervals:
         steps = cand.compute_steps[True]
-        assert steps[-1] == 29 and len(steps) <= budget
-        warm = cand.settings["warmup"]
-        assert steps[:warm] == list(range(warm))
+        assert len(steps) <= budget
+        plain = fixed_interval_plan(30, cand.settings["interval"], cand.settings["warmup"])
+        assert steps == (sorted({*plain, 29}) if cand.settings["last_step"] else plain)
     result = tune(replayer, params(), target_speedup=target)
     assert result.chosen.predicted_error <= min(c.predicted_error for c in intervals) + 1e-12
 
@@ -141,15 +150,17 @@ def test_placement_is_one_plan_for_both_branches_and_local_search_only_helps():
     for budget, cand in placed.items():
         # a split plan mixes a fresh branch with a stale one in the CFG combine: never proposed
         assert cand.compute_steps[True] == cand.compute_steps[False]
-        assert len(cand.compute_steps[True]) == budget and {0, 29} <= set(cand.compute_steps[True])
+        assert len(cand.compute_steps[True]) == budget and cand.compute_steps[True][0] == 0
 
     def joint(plan):
         return replayer.error({True: plan, False: plan})
 
     start = [0, 1, 2, 3, 29]
     polished = local_search(joint, 30, start, {0, 29})
-    assert len(polished) == len(start) and {0, 29} <= set(polished)
+    assert len(polished) == len(start) and {0, 29} <= set(polished)  # fixed steps stay
     assert joint(polished) <= joint(start)
+    free = local_search(joint, 30, [0, 1, 2, 3, 27], {0})
+    assert max(free) <= 29 and joint(free) <= joint([0, 1, 2, 3, 27])  # the last step is a place to move to
 
 
 def test_forecast_candidates_are_the_grid_entries_matching_what_is_given():
@@ -157,7 +168,8 @@ def test_forecast_candidates_are_the_grid_entries_matching_what_is_given():
     assert forecast_candidates(1, None) == [(1, 2), (1, 3), (1, 6)]
     assert forecast_candidates(None, 6) == [(1, 6), (2, 6)]
     assert forecast_candidates(1, 2) == [(1, 2)]
-    assert forecast_candidates(0, None) == [(0, 2)]  # outside the grid: the pair as given
+    assert forecast_candidates(0, None) == [(0, 2)]
+    assert forecast_candidates(3, None) == [(3, 2)]  # outside the grid: the pair as given
     assert forecast_candidates(3, 4) == [(3, 4)]
 
 

@@ -77,6 +77,9 @@ def test_user_dir_overrides_and_extends(tmp_path, monkeypatch):
         (dict(forecast={"n_derivatives": 1, "taylor_threshold": 0}), "'forecast'"),
         (dict(forecast={"n_derivatives": -1, "taylor_threshold": 2}), "'forecast'"),
         (dict(forecast=[1, 2]), "'forecast'"),
+        (dict(compute_steps={"num_inference_steps": 4, "cond": [0, 2, 4], "uncond": [0, 3]}), "'cond'.*from 0 to 3"),
+        (dict(compute_steps={"num_inference_steps": 4, "cond": [0, 2], "uncond": [1, 3]}), "'uncond'.*starts with 0"),
+        (dict(compute_steps={"num_inference_steps": 4, "cond": [0, 2, 2], "uncond": [0]}), "'cond'.*distinct"),
     ],
 )
 def test_validation_names_file_and_key(tmp_path, overrides, match):
@@ -107,3 +110,11 @@ def test_shipped_curves_resample_to_any_step_count(steps):
         plan = cache.planned_compute_steps(True)
         assert plan[0] == 0 and plan[-1] == steps - 1
         assert all(math.isfinite(r) for r in cache._ratios[True])
+
+
+def test_a_tuned_plan_may_leave_the_last_step_to_the_forecast(tmp_path):
+    """A placement need not compute the last step (its error is scaled by the smallest sigma interval)."""
+    path = _write(tmp_path, "tuned", compute_steps={"num_inference_steps": 4, "cond": [0, 2], "uncond": [0, 1, 2]})
+    cache = AdaTaylorCache(params=load_params(path), num_inference_steps=4)
+    assert cache.planned_compute_steps(True) == [0, 2] and cache.planned_compute_steps(False) == [0, 1, 2]
+    assert cache.planned_skip_steps(True) == [1, 3]
