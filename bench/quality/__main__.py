@@ -49,7 +49,7 @@ class Mode:
 
 
 MODES = {
-    "full": Mode(FULL_GRID, 12, 8, 4, 3, 12, 4, 5, [20, 30, 50], 50, ["reference-digits", "reference-digits-moe"], 2),
+    "full": Mode(FULL_GRID, 12, 8, 4, 5, 12, 4, 5, [20, 30, 50], 50, ["reference-digits", "reference-digits-moe"], 2),
     "quick": Mode(QUICK_GRID, 6, 4, 2, 2, 6, 1, 3, [20], 20, ["reference-digits"], 1),
     "smoke": Mode(SMOKE_GRID, 2, 2, 2, 2, 2, 1, 1, [8], 8, ["reference-digits"], 1),
 }

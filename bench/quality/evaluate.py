@@ -68,9 +68,6 @@ def tune_plans(work: Workload, calib: Calibration, batch: Batch, grid: Grid, ban
                 continue
             (_, tt), best = min(options, key=lambda o: o[1].chosen.predicted_error)
             data = tuned_params(calib.params, best, n, {"budget": budget})
-            if "compute_steps" not in data:  # a threshold-rule plan: run it as the steps the tuner replayed
-                data["compute_steps"] = {"num_inference_steps": n, "cond": best.chosen.compute_steps[True],
-                                         "uncond": best.chosen.compute_steps[False]}  # fmt: skip
             plans.append({
                 "budget": budget, "order": order, "taylor_threshold": tt, "method": best.chosen.method,
                 "settings": dict(best.chosen.settings), "predicted_error": best.chosen.predicted_error,

@@ -476,12 +476,13 @@ def tuned_params(params: CacheParams, result: TuneResult, num_steps: int, target
         data["sigmas"] = list(params.sigmas)
     if result.forecast is not None:  # a cache on these params forecasts as the plan was judged
         data["forecast"] = dict(result.forecast)
-    if chosen.method != "rule":  # a placement or an interval plan: the steps themselves
-        data["compute_steps"] = {
-            "num_inference_steps": num_steps,
-            "cond": chosen.compute_steps[True],
-            "uncond": chosen.compute_steps[False],
-        }
+    # the steps the tuner replayed, run as they are at this step count (a rule winner's settings
+    # above serve other step counts)
+    data["compute_steps"] = {
+        "num_inference_steps": num_steps,
+        "cond": chosen.compute_steps[True],
+        "uncond": chosen.compute_steps[False],
+    }
     data["provenance"] = {
         **params.provenance,
         "tuned": {

@@ -137,8 +137,7 @@ def test_segment_starts_are_computed_and_restart_the_forecast():
     # the same plan, replayed with a fresh cache at step 12: the forecast after 12 uses no older steps
     assert split.branch_error(True, plan) != pytest.approx(plain.branch_error(True, plan))
     data = tuned_params(params(), result, 30, {"target_speedup": 3.0})
-    if result.chosen.method != "rule":  # a placement or interval plan is written as its steps
-        assert 12 in data["compute_steps"]["cond"]
+    assert 12 in data["compute_steps"]["cond"]  # whatever the method, the plan is written as its steps
 
 
 def test_placement_is_one_plan_for_both_branches_and_local_search_only_helps():
@@ -191,3 +190,16 @@ def test_each_forecast_is_tuned_and_its_params_record_it():
         assert (cache.n_derivatives, cache.taylor_threshold) == (n, t)
     with pytest.raises(TargetUnreachableError):
         tune_forecasts(replayer_for, params(), FORECAST_GRID, target_speedup=40.0)  # 1 step per branch
+
+
+def test_a_rule_winner_is_written_as_the_steps_it_was_judged_on():
+    """The params file runs the replayed plan at the tuned step count; its rule settings serve others."""
+    replayer = _replayer()
+    result = tune(replayer, params(), target_speedup=3.0, place_steps=False, intervals=False)
+    assert result.chosen.method == "rule"
+    data = tuned_params(params(), result, 30, {"target_speedup": 3.0})
+    cache = AdaTaylorCache(params=params_from_dict(data), num_inference_steps=30)
+    assert cache.plan_source == "explicit"
+    assert [cache.planned_compute_steps(c) for c in (True, False)] == [result.chosen.compute_steps[c] for c in (True, False)]
+    assert data["thresh"] == result.chosen.settings["thresh"]
+    assert AdaTaylorCache(params=params_from_dict(data), num_inference_steps=20).plan_source == "rule"
