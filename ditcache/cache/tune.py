@@ -136,6 +136,12 @@ class PlanReplayer:
         """Steps every placement computes (:func:`fixed_steps`)."""
         return fixed_steps(self.num_steps, self.segment_starts)
 
+    @property
+    def least_budget(self) -> int:
+        """The fewest computed steps per branch a plan may have: the fixed steps, and at least a
+        second step to extrapolate from."""
+        return max(2, len(self.fixed_steps))
+
     def with_plan(self, plan: Sequence[int]) -> list[int]:
         """``plan`` with every segment's first step added (the run computes them whatever the plan)."""
         return sorted({*plan, *self.segment_starts})
@@ -231,7 +237,9 @@ def interval_plan(replayer: PlanReplayer, interval: int, warmup: int, last_step:
     for start in replayer.segment_starts:
         _, end = replayer.segment_of(start)
         plan += [s for s in fixed_interval_plan(end, interval, warmup, start) if s < end]
-    return sorted({*plan, *([replayer.num_steps - 1] if last_step else [])})
+    if last_step:
+        plan.append(replayer.num_steps - 1)
+    return sorted(set(plan))
 
 
 def interval_candidates(replayer: PlanReplayer, budget: int, tolerance: float) -> list[Candidate]:
@@ -364,7 +372,7 @@ def tune(
         if target_speedup < 1:
             raise CacheConfigError(f"target_speedup must be >= 1, got {target_speedup}")
         budget = max(1, round(n / target_speedup))
-        least = max(2, len(replayer.fixed_steps))
+        least = replayer.least_budget
         if budget < least and n > 1:
             raise TargetUnreachableError(
                 f"a {target_speedup}x speedup of a {n}-step run leaves {budget} computed step(s) per branch; "
@@ -445,8 +453,7 @@ def tune_budgets(
 
     Budgets below what the run must compute (the first step and one more, each segment's first) are dropped."""
     n = replayer.num_steps
-    least = max(2, len(replayer.fixed_steps))
-    budgets = sorted({int(b) for b in budgets if least <= b < n}, reverse=True)
+    budgets = sorted({int(b) for b in budgets if replayer.least_budget <= b < n}, reverse=True)
     placed = placement_candidates(replayer, budgets) if place_steps and budgets else {}
     scale = replayer.signal_scale()
     out = {}
