@@ -125,6 +125,7 @@ class PlanReplayer:
         # steps where the run builds a fresh cache (an expert switch); step 0 always is one
         self.segment_starts = sorted({0, *(int(s) for s in segment_starts if 0 <= int(s) < self.num_steps)})
         self.evaluations = 0
+        self._memo: dict[tuple, list[float]] = {}
 
     @property
     def forecast(self) -> dict[str, int]:
@@ -153,29 +154,53 @@ class PlanReplayer:
         return start, (ends[0] if ends else self.num_steps)
 
     def branch_error(self, is_cond: bool, compute_steps: list[int]) -> float:
-        """Weighted forecast error of one branch's plan, averaged over the recorded requests."""
-        flat = [1.0] * self.num_steps
+        """Weighted forecast error of one branch's plan, averaged over the recorded requests.
+
+        A forecast at a skipped step depends only on the step and on the last ``n_derivatives + 1``
+        computed steps of its segment (each difference is built from the one before it), so every
+        run of skipped steps is replayed once per (request, those computed steps, next compute) and
+        remembered: a search that moves one computed step re-replays only the two runs around it.
+        The per-step errors are summed in step order, as a whole-run replay would sum them."""
+        planned = sorted(set(compute_steps) | set(self.segment_starts))
         total = 0.0
-        starts = set(self.segment_starts)
-        for traj in self.trajectories[is_cond]:
-            # drive the real cache with the plan: its own decisions are overridden by the plan
-            planned = set(compute_steps) | starts
-            zero = torch.zeros_like(traj[0])
-            for step in range(self.num_steps):
-                if step in starts:  # a fresh cache per segment, as the run builds one per expert
-                    cache = AdaTaylorCache(
-                        cond_mag_ratios=flat, uncond_mag_ratios=flat, K=0, thresh=0.0, retention_ratio=0.0,
-                        num_inference_steps=self.num_steps, n_derivatives=self.n_derivatives,
-                        taylor_threshold=self.taylor_threshold, taylor_form=self.taylor_form, init_step=step,
-                    )
-                cache.should_compute(is_cond)
-                if step in planned:
-                    cache.update(traj[step], zero, is_cond)
-                else:
-                    err = cache.approximate(zero, is_cond) - traj[step]
-                    total += self.step_weight[step] * float(err.pow(2).mean().sqrt())
+        for request in range(len(self.trajectories[is_cond])):
+            for start in self.segment_starts:
+                _, end = self.segment_of(start)
+                computed = [s for s in planned if start <= s < end]
+                for i, step in enumerate(computed):
+                    following = computed[i + 1] if i + 1 < len(computed) else end
+                    if following == step + 1:
+                        continue
+                    support = tuple(computed[max(0, i - self.n_derivatives) : i + 1])
+                    for value in self._skipped_errors(is_cond, request, support, following):
+                        total += value
         self.evaluations += 1
         return total / len(self.trajectories[is_cond])
+
+    def _skipped_errors(self, is_cond: bool, request: int, support: tuple[int, ...], end: int) -> list[float]:
+        """The weighted error of each step from ``support[-1] + 1`` to ``end - 1``, forecast by a real
+        ``AdaTaylorCache`` that computed the ``support`` steps (remembered per replayer)."""
+        key = (is_cond, request, support, end)
+        if key not in self._memo:
+            traj = self.trajectories[is_cond][request]
+            zero = torch.zeros_like(traj[0])
+            flat = [1.0] * self.num_steps
+            # its own plan is overridden: the replay decides which steps compute
+            cache = AdaTaylorCache(
+                cond_mag_ratios=flat, uncond_mag_ratios=flat, K=0, thresh=0.0, retention_ratio=0.0,
+                num_inference_steps=self.num_steps, n_derivatives=self.n_derivatives,
+                taylor_threshold=self.taylor_threshold, taylor_form=self.taylor_form, init_step=support[0],
+            )  # fmt: skip
+            errors = []
+            for step in range(support[0], end):
+                cache.should_compute(is_cond)
+                if step in support:
+                    cache.update(traj[step], zero, is_cond)
+                elif step > support[-1]:
+                    err = cache.approximate(zero, is_cond) - traj[step]
+                    errors.append(self.step_weight[step] * float(err.pow(2).mean().sqrt()))
+            self._memo[key] = errors
+        return self._memo[key]
 
     def error(self, plan: dict[bool, list[int]]) -> float:
         return sum(self.branch_weight[c] * self.branch_error(c, plan[c]) for c in self.branches)

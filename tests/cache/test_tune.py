@@ -203,3 +203,37 @@ def test_a_rule_winner_is_written_as_the_steps_it_was_judged_on():
     assert [cache.planned_compute_steps(c) for c in (True, False)] == [result.chosen.compute_steps[c] for c in (True, False)]
     assert data["thresh"] == result.chosen.settings["thresh"]
     assert AdaTaylorCache(params=params_from_dict(data), num_inference_steps=20).plan_source == "rule"
+
+
+def _whole_run_error(replayer, is_cond, plan):
+    """The replay without memory: one real cache driven through every step of each segment."""
+    planned, starts = set(plan) | set(replayer.segment_starts), set(replayer.segment_starts)
+    flat, total = [1.0] * replayer.num_steps, 0.0
+    for traj in replayer.trajectories[is_cond]:
+        zero = torch.zeros_like(traj[0])
+        for step in range(replayer.num_steps):
+            if step in starts:
+                cache = AdaTaylorCache(
+                    cond_mag_ratios=flat, uncond_mag_ratios=flat, K=0, thresh=0.0, retention_ratio=0.0,
+                    num_inference_steps=replayer.num_steps, n_derivatives=replayer.n_derivatives,
+                    taylor_threshold=replayer.taylor_threshold, taylor_form=replayer.taylor_form, init_step=step,
+                )  # fmt: skip
+            cache.should_compute(is_cond)
+            if step in planned:
+                cache.update(traj[step], zero, is_cond)
+            else:
+                total += replayer.step_weight[step] * float((cache.approximate(zero, is_cond) - traj[step]).pow(2).mean().sqrt())
+    return total / len(replayer.trajectories[is_cond])
+
+
+@pytest.mark.parametrize("order,threshold,form", [(0, 2, "taylor"), (1, 3, "taylor"), (2, 6, "taylor"), (2, 2, "newton")])
+def test_the_remembered_replay_equals_a_whole_run_replay_bit_for_bit(order, threshold, form):
+    """The replay remembers each run of skipped steps; any plan, asked in any order, must predict
+    exactly what one cache driven through the whole run predicts."""
+    gen = torch.Generator().manual_seed(order * 10 + threshold)
+    replayer = _replayer(n_derivatives=order, taylor_threshold=threshold, taylor_form=form, segment_starts=[17])
+    for _ in range(40):
+        k = int(torch.randint(2, 14, (1,), generator=gen))
+        plan = sorted({0, *torch.randperm(30, generator=gen)[:k].tolist()})
+        for is_cond in (True, False):
+            assert replayer.branch_error(is_cond, plan) == _whole_run_error(replayer, is_cond, plan)
