@@ -35,7 +35,8 @@ class Mode:
     """Sizes of one mode; each may be overridden on the command line."""
 
     grid: Grid
-    samples: int  # evaluation samples (one request each)
+    samples: int  # evaluation samples per workload (one request each) ...
+    samples_at: dict[int, int]  # ... except at these step counts
     calib_samples: int  # calibration batch (curve, TeaCache polynomial)
     tune_samples: int  # of those, the ones whose residuals the tuner replays
     screen_samples: int
@@ -49,9 +50,12 @@ class Mode:
 
 
 MODES = {
-    "full": Mode(FULL_GRID, 12, 8, 4, 5, 12, 4, 5, [20, 30, 50], 50, ["reference-digits", "reference-digits-moe"], 2),
-    "quick": Mode(QUICK_GRID, 6, 4, 2, 2, 6, 1, 3, [20], 20, ["reference-digits"], 1),
-    "smoke": Mode(SMOKE_GRID, 2, 2, 2, 2, 2, 1, 1, [8], 8, ["reference-digits"], 1),
+    # 20 steps: a sample costs 2.5x less than at 50 and the margins are narrowest (4 of 20 steps at
+    # 5x), so its workloads get 3x the evaluation samples
+    "full": Mode(FULL_GRID, 12, {20: 36}, 8, 4, 5, 12, 4, 5, [20, 30, 50], 50,
+                 ["reference-digits", "reference-digits-moe"], 2),  # fmt: skip
+    "quick": Mode(QUICK_GRID, 6, {}, 4, 2, 2, 6, 1, 3, [20], 20, ["reference-digits"], 1),
+    "smoke": Mode(SMOKE_GRID, 2, {}, 2, 2, 2, 2, 1, 1, [8], 8, ["reference-digits"], 1),
 }
 
 
@@ -61,7 +65,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="reduced grid, 6 samples, one model, 20 steps (about 1 min)")
     parser.add_argument("--smoke", action="store_true", help="tiny end-to-end check (2 samples, 8 steps)")
-    parser.add_argument("--samples", type=int, help="evaluation samples per workload (one request each)")
+    parser.add_argument("--samples", type=positive_int,
+                        help="evaluation samples per workload, every step count (one request each; "
+                             "default: the mode's, full: 36 at 20 steps, 12 otherwise)")
     parser.add_argument("--screen-samples", type=int, help="screening samples (calibration-side seeds)")
     parser.add_argument("--steps", type=int, nargs="+", help="step counts (default 20 30 50)")
     parser.add_argument("--shift", type=float, default=5.0)
@@ -116,21 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     mode = MODES[name]
-    samples = args.samples or mode.samples
     screen_n = args.screen_samples or mode.screen_samples
     step_counts = args.steps or mode.steps
+    samples = {steps: args.samples or mode.samples_at.get(steps, mode.samples) for steps in step_counts}
     timing_steps = mode.timing_steps if mode.timing_steps in step_counts else max(step_counts)
     model_dirs = [MODELS_DIR / m if (MODELS_DIR / m).is_dir() else Path(m) for m in args.models or mode.models]
     calib_batch = make_batch(mode.calib_samples, CALIB_SEED)
     screen = make_samples(screen_n, SCREEN_SEED)
-    evals = make_samples(samples, EVAL_SEED)
     present = [d for d in model_dirs if (d / "model_index.json").is_file()]
     for model_dir in model_dirs:
         if model_dir not in present:
             log(f"skipping {model_dir.name}: {model_dir} has no model_index.json")
     jobs = [
-        Job(model_dir, steps, args.shift, args.guidance, calib_batch, screen, evals, mode.grid, mode.tune_samples,
-            mode.classifier_epochs, args.threads)
+        Job(model_dir, steps, args.shift, args.guidance, calib_batch, screen, make_samples(samples[steps], EVAL_SEED),
+            mode.grid, mode.tune_samples, mode.classifier_epochs, args.threads)
         for model_dir in present
         for steps in step_counts
     ]  # fmt: skip
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         workloads.setdefault(job.model_dir.name, {})[str(job.steps)] = meta
         if job.steps == timing_steps and not args.no_timing:
             work = make_workload(job.model_dir, job.model_dir.name, job.steps, args.shift, args.guidance)
-            timing = {"batch": make_batch(mode.timing_batch, EVAL_SEED), "one": evals.head(1),
+            timing = {"batch": make_batch(mode.timing_batch, EVAL_SEED), "one": make_samples(1, EVAL_SEED),
                       "reps_batch": mode.reps_batch, "reps_one": mode.reps_one}  # fmt: skip
             efficiency += time_workload(work, meta["flop_shares"], w_rows, ours_plans, timing, log)
     frontier = frontier_table(rows, OURS, PEERS)
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     env = environment(
         mode=name, models=[d.name for d in model_dirs], steps=step_counts, shift=args.shift,
-        guidance_scale=args.guidance, eval_samples=samples, eval_seeds=[EVAL_SEED, EVAL_SEED + samples - 1],
+        guidance_scale=args.guidance, eval_samples={str(k): n for k, n in samples.items()},
+        eval_seeds=[EVAL_SEED, EVAL_SEED + max(samples.values()) - 1],
         screen_samples=screen_n, screen_seeds=[SCREEN_SEED, SCREEN_SEED + screen_n - 1],
         calibration_seed=CALIB_SEED, calibration_samples=mode.calib_samples, tune_samples=mode.tune_samples,
         timing_batch=mode.timing_batch, timing_steps=timing_steps, bands=list(BANDS), wall_time_s=round(wall, 1),
