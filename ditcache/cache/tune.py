@@ -162,18 +162,19 @@ class PlanReplayer:
         remembered: a search that moves one computed step re-replays only the two runs around it.
         The per-step errors are summed in step order, as a whole-run replay would sum them."""
         planned = sorted(set(compute_steps) | set(self.segment_starts))
+        runs = []  # (the computed steps a run of skipped steps is forecast from, the next computed step)
+        for start in self.segment_starts:
+            _, end = self.segment_of(start)
+            computed = [s for s in planned if start <= s < end]
+            for i, step in enumerate(computed):
+                following = computed[i + 1] if i + 1 < len(computed) else end
+                if following > step + 1:
+                    runs.append((tuple(computed[max(0, i - self.n_derivatives) : i + 1]), following))
         total = 0.0
         for request in range(len(self.trajectories[is_cond])):
-            for start in self.segment_starts:
-                _, end = self.segment_of(start)
-                computed = [s for s in planned if start <= s < end]
-                for i, step in enumerate(computed):
-                    following = computed[i + 1] if i + 1 < len(computed) else end
-                    if following == step + 1:
-                        continue
-                    support = tuple(computed[max(0, i - self.n_derivatives) : i + 1])
-                    for value in self._skipped_errors(is_cond, request, support, following):
-                        total += value
+            for support, following in runs:
+                for value in self._skipped_errors(is_cond, request, support, following):
+                    total += value
         self.evaluations += 1
         return total / len(self.trajectories[is_cond])
 
